@@ -1,0 +1,1 @@
+"""What the processes of allcores tell each other about themselves, without messages."""
