@@ -31,6 +31,7 @@ from __future__ import annotations
 import array
 import asyncio
 import collections
+import contextlib
 import os
 import pickle
 import socket
@@ -106,10 +107,8 @@ def _fds_from_ancillary(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
 
 def _close_fds(fds: Sequence[int]) -> None:
     for fd in fds:
-        try:
+        with contextlib.suppress(OSError):
             os.close(fd)
-        except OSError:
-            pass
 
 
 class _FrameReader:

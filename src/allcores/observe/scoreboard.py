@@ -41,19 +41,21 @@ class RowState:
 # They straddle what users feel: under 1 ms is healthy, 100 ms+ is a stalled loop.
 LAG_BUCKETS_MS = (1.0, 5.0, 25.0, 100.0, 500.0, 2000.0)
 
-_FIELDS = (
+_FIELDS: tuple[tuple[str, str], ...] = (
     ("pid", "q"),
     ("state", "q"),
     ("started", "d"),
     ("heartbeat", "d"),
     ("connections", "q"),
+    ("connections_closed", "q"),
     ("tasks", "q"),
     ("requests_total", "q"),
     ("tasks_total", "q"),
     ("lag_ms", "d"),
     ("lag_max_ms", "d"),
     ("rss", "q"),
-) + tuple((f"lag_bucket_{i}", "q") for i in range(len(LAG_BUCKETS_MS) + 1))
+    *((f"lag_bucket_{i}", "q") for i in range(len(LAG_BUCKETS_MS) + 1)),
+)
 _ROW = struct.Struct("=" + "".join(kind for _name, kind in _FIELDS))
 _OFFSETS = {}
 _offset = 0
@@ -71,6 +73,7 @@ class RowSnapshot:
     started: float
     heartbeat: float
     connections: int
+    connections_closed: int
     tasks: int
     requests_total: int
     tasks_total: int
@@ -163,8 +166,8 @@ class Scoreboard:
 
     def read(self, index: int) -> RowSnapshot:
         values = _ROW.unpack_from(self.segment.buf, index * ROW_SIZE)
-        head = values[:11]
-        return RowSnapshot(index, *head, lag_histogram=tuple(values[11:]))  # type: ignore[arg-type]
+        fields = dict(zip((name for name, _kind in _FIELDS[:12]), values[:12], strict=True))
+        return RowSnapshot(index=index, lag_histogram=tuple(values[12:]), **fields)
 
     def snapshot(self) -> list[RowSnapshot]:
         return [self.read(i) for i in range(self.rows)]

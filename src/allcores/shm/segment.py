@@ -86,7 +86,9 @@ class Segment:
         try:
             fd = os.memfd_create(name, os.MFD_CLOEXEC)
         except (AttributeError, OSError) as exc:
-            raise SegmentError(f"cannot create anonymous shared memory (memfd_create): {exc}") from exc
+            raise SegmentError(
+                f"cannot create anonymous shared memory (memfd_create): {exc}"
+            ) from exc
         try:
             os.ftruncate(fd, max(size, 1))
             return cls(fd, size, owner=True)
@@ -129,11 +131,9 @@ class Segment:
             return
         self._closed = True
         self._view.release()
-        try:
+        # Someone may still hold a view: then the mapping lives until it is collected.
+        with contextlib.suppress(BufferError):
             self._map.close()
-        except BufferError:
-            # Someone still holds a view: the mapping lives until it is collected.
-            pass
         os.close(self._fd)
 
     def __enter__(self) -> Segment:

@@ -1,0 +1,420 @@
+"""The worker side of a cluster: `cluster.worker` in a worker process.
+
+A worker is this program run again with ``ALLCORES_WORKER_ID`` set. At import of
+`allcores.cluster` it attaches to its channel and scoreboard row, arms a
+parent-death signal, and tells the primary it is online. The first async call
+(`start_server`, `listen`, `on("message")` inside a loop) binds the channel to the
+running event loop, which from then on reads it directly and beats the heartbeat.
+
+How a connection reaches the app (see `allcores.cluster.primary` for the rest)::
+
+    balanced / rr:      primary accept() ─ {"t": "conn"} + fd ─► _on_conn
+                        └─ loop.connect_accepted_socket(protocol_factory, sock)
+    shared / reuseport: primary's socket ─ fd once ─► loop.create_server(sock=...)
+                        └─ this worker's loop accepts
+
+Every connection is counted in the scoreboard row (open, and closed in total): the
+primary reads them to pick the least busy worker, without any message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from allcores.cluster.listeners import Address
+from allcores.errors import AllcoresError, ChannelError
+from allcores.events import EventEmitter
+from allcores.ipc.channel import AsyncChannel, Channel
+from allcores.observe.looplag import LoopMonitor
+from allcores.observe.scoreboard import Row, RowState, Scoreboard
+
+__all__ = ["ClusterServer", "WorkerRuntime"]
+
+ProtocolFactory = Callable[[], asyncio.BaseProtocol]
+StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None] | None]
+
+_PR_SET_PDEATHSIG = 1
+
+
+class WorkerError(AllcoresError):
+    """A worker-side cluster call failed (listen refused, used outside a worker, ...)."""
+
+
+def _arm_parent_death_signal(primary_pid: int) -> None:
+    """Die with the primary, even if it is SIGKILLed (Linux); EOF on the channel
+    covers every other OS once the loop reads it."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != primary_pid:
+        # The primary died before the signal was armed.
+        os._exit(1)
+
+
+class ClusterServer:
+    """What `cluster.start_server` returns: an `asyncio.Server` look-alike."""
+
+    def __init__(self, runtime: WorkerRuntime, address: Address, policy: str) -> None:
+        self._runtime = runtime
+        self.address = address
+        self.policy = policy
+        self._server: asyncio.Server | None = None
+        self._serving = True
+        self._closed = asyncio.Event()
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        return tuple(self._server.sockets) if self._server is not None else ()
+
+    def is_serving(self) -> bool:
+        return self._serving
+
+    def close(self) -> None:
+        """Stop taking new connections; open ones go on."""
+        if not self._serving:
+            return
+        self._serving = False
+        if self._server is not None:
+            self._server.close()
+        self._runtime._server_closed(self)
+
+    def _finish(self) -> None:
+        self.close()
+        self._closed.set()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    async def serve_forever(self) -> None:
+        """Serve until the worker is disconnected (then drained) or the server is closed.
+
+        Returns normally, so ``asyncio.run(main())`` ends and the worker exits 0.
+        """
+        await self._closed.wait()
+
+    async def __aenter__(self) -> ClusterServer:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._finish()
+
+
+class WorkerRuntime(EventEmitter):
+    """`cluster.worker` inside a worker. Events: ``message(message, handle)``, ``disconnect()``."""
+
+    def __init__(self, worker_id: int, channel_fd: int, scoreboard: str, primary_pid: int) -> None:
+        super().__init__()
+        self.id = worker_id
+        self.exited_after_disconnect = False
+        _arm_parent_death_signal(primary_pid)
+        self._sock = socket.socket(fileno=channel_fd)
+        self._blocking = Channel(self._sock)
+        fd, rows, row = (int(part) for part in scoreboard.split(":"))
+        self._scoreboard = Scoreboard.attach(fd, rows)
+        self.row: Row = self._scoreboard.row(row)
+        self._channel: AsyncChannel | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._monitor: LoopMonitor | None = None
+        self._requests: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._next_request = 0
+        self._servers: dict[tuple[str, int], tuple[ClusterServer, ProtocolFactory]] = {}
+        self._protocols: set[asyncio.BaseProtocol] = set()
+        self._all_closed: asyncio.Event | None = None
+        self._thread: threading.Thread | None = None
+        self.disconnecting = False
+        self._blocking.send({"t": "online"})
+
+    @property
+    def process(self) -> Any:
+        return type("Process", (), {"pid": os.getpid()})()
+
+    def __repr__(self) -> str:
+        return f"<cluster.worker {self.id} pid={os.getpid()}>"
+
+    # -- the channel, bound to the running loop on first async use ------------------
+
+    def _attach(self) -> asyncio.AbstractEventLoop:
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            if self._thread is not None:
+                raise WorkerError(
+                    "cluster.worker.on('message') was first used outside an event loop; "
+                    "register handlers inside the loop that serves, before serving"
+                )
+            self._loop = loop
+            self._channel = AsyncChannel(self._sock, self._on_message, self._on_close, loop=loop)
+            self._monitor = LoopMonitor(self.row, loop)
+            self._monitor.start()
+        elif self._loop is not loop:
+            raise WorkerError("a worker serves from one event loop; this is another one")
+        return loop
+
+    def on(self, event: str, listener: Callable[..., Any]) -> Callable[..., Any]:
+        super().on(event, listener)
+        if event == "message" and self._loop is None:
+            try:
+                self._attach()
+            except RuntimeError:
+                self._start_reader_thread()
+        return listener
+
+    def _start_reader_thread(self) -> None:
+        """For a worker with no event loop: messages are read, and listeners called, in a
+        daemon thread."""
+        if self._thread is not None:
+            return
+
+        def read() -> None:
+            while True:
+                try:
+                    obj, fds = self._blocking.recv()
+                except ChannelError:
+                    os._exit(0)
+                self._on_message(obj, fds)
+
+        self._thread = threading.Thread(target=read, name="allcores-worker-channel", daemon=True)
+        self._thread.start()
+
+    def send(self, message: Any, handle: socket.socket | int | None = None) -> bool:
+        """Send *message* to the primary (its ``message`` event), optionally with a socket."""
+        fds = [] if handle is None else [handle if isinstance(handle, int) else handle.fileno()]
+        frame = {"t": "msg", "data": message}
+        try:
+            if self._channel is not None:
+                self._channel.send(frame, fds)
+            else:
+                self._blocking.send(frame, fds)
+        except ChannelError:
+            return False
+        return True
+
+    def _on_close(self, exc: BaseException | None) -> None:
+        # The primary closes a channel only once this worker has exited, so EOF means
+        # the primary is gone (or we closed it after draining): leave now.
+        if not self.disconnecting:
+            os._exit(1)
+
+    def _on_message(self, obj: Any, fds: list[int]) -> None:
+        kind = obj.get("t") if isinstance(obj, dict) else None
+        if kind == "conn":
+            self._on_conn(tuple(obj["key"]), fds)
+        elif kind == "listening":
+            future = self._requests.pop(obj.get("req", -1), None)
+            if future is not None and not future.done():
+                future.set_result({**obj, "fds": fds})
+            else:
+                for fd in fds:
+                    os.close(fd)
+        elif kind == "msg":
+            handle = socket.socket(fileno=fds[0]) if fds else None
+            for extra in fds[1:]:
+                os.close(extra)
+            self.emit("message", obj.get("data"), handle)
+        elif kind == "disconnect":
+            for fd in fds:
+                os.close(fd)
+            if self._loop is not None:
+                self._loop.create_task(self._drain(float(obj.get("timeout", 30.0))))
+            else:
+                os._exit(0)
+        else:
+            for fd in fds:
+                os.close(fd)
+
+    # -- serving ------------------------------------------------------------------------
+
+    async def _request_listen(
+        self, host: str | None, port: int, backlog: int | None
+    ) -> dict[str, Any]:
+        loop = self._attach()
+        if self.disconnecting:
+            raise WorkerError("this worker is disconnecting; it takes no new listeners")
+        self._next_request += 1
+        req = self._next_request
+        future: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self._requests[req] = future
+        assert self._channel is not None
+        self._channel.send(
+            {"t": "listen", "host": host, "port": port, "backlog": backlog, "req": req}
+        )
+        reply = await future
+        if "error" in reply:
+            for fd in reply["fds"]:
+                os.close(fd)
+            raise WorkerError(
+                f"the primary could not listen on {host or '0.0.0.0'}:{port}: {reply['error']}"
+            )
+        return reply
+
+    async def start_server(
+        self,
+        client_connected_cb: StreamHandler | None = None,
+        host: str | None = None,
+        port: int = 0,
+        *,
+        protocol_factory: ProtocolFactory | None = None,
+        backlog: int | None = None,
+        limit: int = 2**16,
+    ) -> ClusterServer:
+        if (client_connected_cb is None) == (protocol_factory is None):
+            raise WorkerError("give start_server either a stream handler or protocol_factory=")
+        if protocol_factory is None:
+            assert client_connected_cb is not None
+            handler = client_connected_cb
+
+            def stream_protocol() -> asyncio.BaseProtocol:
+                reader = asyncio.StreamReader(limit=limit)
+                return asyncio.StreamReaderProtocol(reader, handler)
+
+            protocol_factory = stream_protocol
+        counted = self._counted(protocol_factory)
+        reply = await self._request_listen(host, port, backlog)
+        address = Address(*reply["address"])
+        server = ClusterServer(self, address, reply["policy"])
+        if reply["fds"]:
+            sock = socket.socket(fileno=reply["fds"][0])
+            for extra in reply["fds"][1:]:
+                os.close(extra)
+            loop = asyncio.get_running_loop()
+            server._server = await loop.create_server(counted, sock=sock, backlog=backlog or 2048)
+        self._servers[tuple(reply["key"])] = (server, counted)  # type: ignore[index]
+        self.row.set("state", RowState.READY)
+        return server
+
+    async def listen(
+        self, host: str | None = None, port: int = 0, backlog: int | None = None
+    ) -> socket.socket:
+        """The shared listening socket, for another server library (policies shared/reuseport)."""
+        reply = await self._request_listen(host, port, backlog)
+        if not reply["fds"]:
+            if self._channel is not None:
+                self._channel.send({"t": "unlisten", "key": reply["key"]})
+            raise WorkerError(
+                f"cluster.listen() needs a socket the worker accepts on itself, which policy "
+                f"{reply['policy']!r} does not give (the primary accepts); use "
+                "cluster.start_server(...), or scheduling_policy 'shared' or 'reuseport'"
+            )
+        return socket.socket(fileno=reply["fds"][0])
+
+    def _counted(self, factory: ProtocolFactory) -> ProtocolFactory:
+        """Wrap *factory* so every connection is counted in this worker's row."""
+        row = self.row
+        protocols = self._protocols
+
+        def counted() -> asyncio.BaseProtocol:
+            protocol = factory()
+            made = protocol.connection_made
+            lost = protocol.connection_lost
+
+            def connection_made(transport: asyncio.BaseTransport) -> None:
+                protocols.add(protocol)
+                row.add("connections", 1)
+                made(transport)
+
+            def connection_lost(exc: Exception | None) -> None:
+                protocols.discard(protocol)
+                row.add("connections", -1)
+                row.add("connections_closed", 1)
+                try:
+                    lost(exc)
+                finally:
+                    if not protocols and self._all_closed is not None:
+                        self._all_closed.set()
+
+            # Instance attributes shadow the class's methods: cheaper than a proxy
+            # object on every data_received, which is the hot path.
+            protocol.connection_made = connection_made  # type: ignore[method-assign]
+            protocol.connection_lost = connection_lost  # type: ignore[method-assign]
+            return protocol
+
+        return counted
+
+    def _on_conn(self, key: tuple[Any, ...], fds: list[int]) -> None:
+        entry = self._servers.get(key)  # type: ignore[arg-type]
+        if entry is None or self._loop is None:
+            for fd in fds:
+                os.close(fd)
+            return
+        sock = socket.socket(fileno=fds[0])
+        for extra in fds[1:]:
+            os.close(extra)
+        _server, factory = entry
+        task = self._loop.create_task(self._loop.connect_accepted_socket(factory, sock))
+        task.add_done_callback(_log_failed_connection)
+
+    def _server_closed(self, server: ClusterServer) -> None:
+        for key, (registered, _factory) in list(self._servers.items()):
+            if registered is server:
+                del self._servers[key]
+                if self._channel is not None and not self._channel.closed:
+                    self._channel.send({"t": "unlisten", "key": list(key)})
+
+    # -- disconnect ---------------------------------------------------------------
+
+    def disconnect(self) -> None:
+        """Stop taking connections, finish those open, close the channel (Node's
+        ``worker.disconnect()`` called in the worker)."""
+        if self._loop is None:
+            self.exited_after_disconnect = True
+            self.disconnecting = True
+            with contextlib.suppress(ChannelError):
+                self._blocking.send({"t": "disconnecting"})
+            self._blocking.close()
+            return
+        self._loop.create_task(self._drain(30.0, tell_primary=True))
+
+    async def _drain(self, timeout: float, tell_primary: bool = False) -> None:
+        if self.disconnecting:
+            return
+        self.disconnecting = True
+        self.exited_after_disconnect = True
+        self.row.set("state", RowState.STOPPING)
+        if tell_primary and self._channel is not None:
+            self._channel.send({"t": "disconnecting"})
+        servers = [server for server, _factory in self._servers.values()]
+        for server in servers:
+            server.close()
+        self._all_closed = asyncio.Event()
+        for protocol in list(self._protocols):
+            # uvicorn's protocols (and any with the same method) close idle keep-alive
+            # connections at once and finish the request in flight.
+            shutdown = getattr(protocol, "shutdown", None)
+            if callable(shutdown):
+                shutdown()
+        if self._protocols:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_closed.wait(), timeout)
+        for protocol in list(self._protocols):
+            transport = getattr(protocol, "transport", None) or getattr(
+                protocol, "_transport", None
+            )
+            if transport is not None:
+                transport.abort()
+        self.emit("disconnect")
+        for server in servers:
+            server._finish()
+        if self._monitor is not None:
+            self._monitor.stop()
+        if self._channel is not None:
+            self._channel.close(flush=True)
+
+
+def _log_failed_connection(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        import logging
+
+        logging.getLogger("allcores.cluster").error(
+            "allcores: could not take over a connection", exc_info=task.exception()
+        )
