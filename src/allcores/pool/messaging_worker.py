@@ -1,0 +1,780 @@
+"""Node's worker_threads `Worker`, as one long-lived process that exchanges messages.
+
+::
+
+    parent (the loop that created the Worker)             worker process
+    ─────────────────────────────────────────             ──────────────
+    Worker(target, worker_data=...)
+      fork (one OS thread) or forkserver ─────────────►   PR_SET_PDEATHSIG(SIGKILL)
+      AsyncChannel on the parent's loop  ──("init", worker_data)──►  Channel (blocking)
+                                         ◄──("online",)──────────   target(parent_port, worker_data)
+    worker.post_message(obj) ────────────("message", obj)──────►   parent_port.receive() /
+                                                                    parent_port.on("message", cb)
+    on("message", cb), wait_message(),   ◄──("message", obj)───    parent_port.post_message(obj)
+      async for msg in worker
+    on("error", cb)                      ◄──("error", exc, tb)──   target raised
+    on("exit", cb(code))  ◄── channel EOF + process sentinel ───   process exits
+
+Every frame is one pickle (protocol 5) made inside `fd_transfer()`, so a `SharedArray`
+or `Segment` anywhere in a message travels as its fd, alongside the frame, and the
+receiver maps the same memory; everything else is copied.
+
+Where callbacks run: on the event loop that was running when the Worker was created,
+read by that loop (no thread). A Worker created with no running loop uses one shared
+private loop in a daemon thread, "allcores-worker-events"; its callbacks run in that
+thread, and `join()` waits for the exit from any other thread.
+
+Exit codes follow `multiprocessing`: 0 when the target returns (and its message
+listeners are done), ``n`` for ``sys.exit(n)``, 1 when the target raised (after the
+"error" event), ``-N`` when signal N killed it (`terminate()` sends SIGKILL: -9).
+
+The worker dies with its parent: it sets PR_SET_PDEATHSIG (with forkserver the
+forkserver is its parent, and it exits when ours does), and it exits when the
+channel reaches EOF while it waits for messages. At interpreter exit the parent
+kills the workers still running, so a forgotten worker never holds the exit up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import collections
+import contextlib
+import ctypes
+import importlib
+import logging
+import multiprocessing
+import multiprocessing.util  # registers its atexit hook before ours: see _kill_live_workers
+import os
+import pickle
+import re
+import signal
+import socket
+import sys
+import threading
+import traceback
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, Literal
+
+import cloudpickle
+
+from allcores.errors import AllcoresError, ChannelClosed, ChannelError
+from allcores.ipc.channel import AsyncChannel, Channel, channel_pair
+from allcores.shm.segment import fd_transfer, received_fds
+
+__all__ = ["ParentPort", "RemoteTraceback", "Worker", "WorkerError"]
+
+log = logging.getLogger("allcores.worker")
+
+Listener = Callable[..., Any]
+Target = Callable[["ParentPort", Any], Any]
+Event = Literal["message", "error", "exit", "online"]
+_EVENTS = ("message", "error", "exit", "online")
+_PORT_EVENTS = ("message",)
+
+# A grandchild forked by the worker can inherit the worker's end of the channel and
+# keep it open after the worker exits; we wait this long after the exit for the rest
+# of the worker's messages before reporting "exit". A worker that exits normally
+# closes its end as it dies, so the wait ends at once.
+_EOF_GRACE_S = 1.0
+# After the process sentinel fires, waitpid may not see the zombie for a moment; we
+# poll this often rather than block the loop in join().
+_REAP_POLL_S = 0.005
+# Interpreter exit waits this long for each killed worker to be reaped.
+_ATEXIT_REAP_S = 1.0
+_PR_SET_PDEATHSIG = 1
+_TARGET_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+class WorkerError(AllcoresError):
+    """A Worker could not start, could not send a message, or exited before answering.
+
+    ``exit_code`` is the worker's exit code when the error is about its exit.
+    """
+
+    def __init__(self, message: str, *, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class RemoteTraceback(AllcoresError):
+    """The traceback of an exception raised in a worker, set as that exception's cause."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb
+
+
+# ── encoding ────────────────────────────────────────────────────────────────────
+
+
+def _encode(obj: Any, what: str) -> tuple[bytes, list[int]]:
+    """Pickle *obj*; return the payload and duplicates of the fds it refers to.
+
+    The duplicates belong to the frame (closed once it is sent), so the caller may
+    close its SharedArray right after posting it.
+    """
+    try:
+        with fd_transfer() as fds:
+            payload = pickle.dumps(obj, protocol=5)
+    except Exception as exc:
+        raise WorkerError(
+            f"{what} cannot be pickled ({exc!r}); send plain data (numbers, strings, "
+            "lists, dicts, dataclasses) and put large buffers in an allcores.SharedArray"
+        ) from exc
+    return payload, [os.dup(fd) for fd in fds]
+
+
+def _decode(payload: bytes | bytearray, fds: list[int]) -> Any:
+    try:
+        with received_fds(fds):
+            return pickle.loads(payload)
+    finally:
+        _close_fds(fds)
+
+
+def _close_fds(fds: Sequence[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _target_spec(target: str | Target) -> tuple[str, str | bytes]:
+    """How the worker finds its function: an import path, or a pickle of it.
+
+    Functions defined in ``__main__``, lambdas and closures are pickled by value with
+    cloudpickle, so they work whatever the start method; others by reference.
+    """
+    if isinstance(target, str):
+        if not _TARGET_PATH.match(target):
+            raise WorkerError(
+                f"target {target!r} is not 'package.module:function'; pass that form "
+                "or the function itself"
+            )
+        return "import", target
+    if not callable(target):
+        raise WorkerError(f"target must be a function or 'module:function', got {target!r}")
+    by_value = getattr(target, "__module__", None) == "__main__" or "<" in getattr(
+        target, "__qualname__", "<"
+    )
+    try:
+        if not by_value:
+            return "pickle", pickle.dumps(target, protocol=5)
+    except Exception:
+        pass
+    try:
+        return "pickle", cloudpickle.dumps(target, protocol=5)
+    except Exception as exc:
+        raise WorkerError(
+            f"target {target!r} cannot be pickled ({exc!r}); define it at module level "
+            "and pass it or its 'module:function' path"
+        ) from exc
+
+
+def _resolve_target(spec: tuple[str, str | bytes]) -> Target:
+    kind, value = spec
+    if kind == "import":
+        assert isinstance(value, str)
+        module_name, _, attr_path = value.partition(":")
+        obj: Any = importlib.import_module(module_name)
+        for attr in attr_path.split("."):
+            obj = getattr(obj, attr)
+        target: Target = obj
+        return target
+    assert isinstance(value, bytes)
+    loaded: Target = pickle.loads(value)
+    return loaded
+
+
+# ── worker side ─────────────────────────────────────────────────────────────────
+
+
+class ParentPort:
+    """The worker's end: Node's ``parentPort``, passed to the target as its first argument.
+
+    `post_message` may be called from any thread of the worker; `receive` from one
+    thread at a time.
+    """
+
+    def __init__(self, channel: Channel) -> None:
+        self._channel = channel
+        self._send_lock = threading.Lock()
+        self._listeners: list[tuple[Listener, bool]] = []
+        self._closed = False
+
+    def post_message(self, obj: Any) -> None:
+        """Send *obj* to the parent's "message" listeners (a pickled copy; shared memory shared)."""
+        self._send(("message", obj), "the message")
+
+    def receive(self, timeout: float | None = None) -> Any:
+        """Block until the parent posts a message and return it.
+
+        Raises TimeoutError after *timeout* seconds, and ChannelClosed when the parent
+        has gone away (the worker is being shut down).
+        """
+        payload, fds = self._channel.recv_bytes(timeout)
+        _kind, obj = _decode(payload, fds)
+        return obj
+
+    def on(self, event: Literal["message"], listener: Listener | None = None) -> Listener:
+        """Call *listener(msg)* for each message once the target has returned.
+
+        As in Node, a port with message listeners keeps the worker alive: after the
+        target returns, the worker serves messages until `close()` or the parent
+        goes away. Returns *listener*; without one, returns a decorator.
+        """
+        return self._add_listener(event, listener, once=False)
+
+    def once(self, event: Literal["message"], listener: Listener | None = None) -> Listener:
+        return self._add_listener(event, listener, once=True)
+
+    def _add_listener(self, event: str, listener: Listener | None, *, once: bool) -> Listener:
+        self._check_event(event)
+        if listener is None:
+            return lambda fn: self._add_listener(event, fn, once=once)
+        self._listeners.append((listener, once))
+        return listener
+
+    def off(self, event: Literal["message"], listener: Listener) -> None:
+        self._check_event(event)
+        for i, (registered, _once) in enumerate(self._listeners):
+            if registered is listener:
+                del self._listeners[i]
+                return
+
+    def close(self) -> None:
+        """Stop serving messages; the worker exits once its current listener returns."""
+        self._closed = True
+
+    @staticmethod
+    def _check_event(event: str) -> None:
+        if event not in _PORT_EVENTS:
+            raise WorkerError(f"parent_port has no {event!r} event; it has: 'message'")
+
+    def _send(self, frame: tuple[Any, ...], what: str) -> None:
+        payload, fds = _encode(frame, what)
+        try:
+            with self._send_lock:
+                self._channel.send_bytes(payload, fds)
+        finally:
+            _close_fds(fds)
+
+    def _serve_listeners(self) -> None:
+        while self._listeners and not self._closed:
+            try:
+                message = self.receive()
+            except ChannelClosed:
+                return
+            for entry in list(self._listeners):
+                listener, once = entry
+                if once and entry in self._listeners:
+                    self._listeners.remove(entry)
+                listener(message)
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel to SIGKILL us when our parent dies (Linux; elsewhere EOF does it)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _reset_signals() -> None:
+    # A forked worker inherits the parent's Python signal handlers and asyncio's
+    # wakeup fd, which would write our signals into the parent's loop. SIGINT is
+    # ignored: Ctrl-C reaches the whole process group, the parent decides, and the
+    # worker follows it out through PDEATHSIG.
+    signal.set_wakeup_fd(-1)
+    for signum in signal.valid_signals():
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            if callable(signal.getsignal(signum)):
+                signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _worker_main(sock: socket.socket, spec: tuple[str, str | bytes], forked: bool) -> None:
+    """The worker process's entry point (run by multiprocessing's bootstrap)."""
+    _die_with_parent()
+    _reset_signals()
+    if forked:
+        # The parent ends of every channel, ours included, came with the fork; holding
+        # them would keep those workers (and us) from ever seeing EOF.
+        for parent_end in list(_PARENT_ENDS.values()):
+            with contextlib.suppress(OSError):
+                os.close(parent_end.detach())
+    channel = Channel(sock, raw=True)
+    try:
+        payload, fds = channel.recv_bytes()
+    except ChannelError:
+        return  # the parent went away before we started
+    port = ParentPort(channel)
+    try:
+        _kind, worker_data = _decode(payload, fds)
+        port._send(("online",), "online")
+        target = _resolve_target(spec)
+        target(port, worker_data)
+        port._serve_listeners()
+    except SystemExit:
+        raise
+    except BaseException as exc:
+        _report_error(port, exc)
+        sys.exit(1)
+    finally:
+        channel.close()
+
+
+def _report_error(port: ParentPort, exc: BaseException) -> None:
+    text = "".join(traceback.format_exception(exc))
+    try:
+        blob: bytes | None = pickle.dumps(exc, protocol=5)
+    except Exception:
+        blob = None
+    try:
+        port._send(("error", blob, type(exc).__qualname__, str(exc), text), "the error")
+    except AllcoresError:
+        sys.stderr.write(f"allcores worker {os.getpid()} failed and its parent is gone:\n{text}")
+
+
+# ── parent side ─────────────────────────────────────────────────────────────────
+
+# Parent ends of live channels, by fd: a forked worker closes them all (see
+# _worker_main). Only touched while this process has one thread (fork) or under the
+# GIL from the thread that owns the Worker.
+_PARENT_ENDS: dict[int, socket.socket] = {}
+# Workers still running, killed at interpreter exit.
+_LIVE: set[Worker] = set()
+
+_event_loop: asyncio.AbstractEventLoop | None = None
+_event_loop_pid = -1
+_event_loop_lock = threading.Lock()
+
+
+def _private_loop() -> asyncio.AbstractEventLoop:
+    """The shared loop (in its own daemon thread) for Workers created with no loop running."""
+    global _event_loop, _event_loop_pid
+    with _event_loop_lock:
+        if _event_loop is None or _event_loop_pid != os.getpid():
+            loop = asyncio.new_event_loop()
+            thread = threading.Thread(
+                target=loop.run_forever, name="allcores-worker-events", daemon=True
+            )
+            thread.start()
+            _event_loop, _event_loop_pid = loop, os.getpid()
+        return _event_loop
+
+
+def _start_method() -> str:
+    # fork is fast (no re-import) but only safe while this process has a single OS
+    # thread: a lock held by another thread at fork time would stay held in the child.
+    try:
+        single = len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        single = False
+    return "fork" if single else "forkserver"
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:
+    """Run fn(*args) on *loop*: now if we are in it, else at its next turn."""
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:
+        fn(*args)
+    else:
+        loop.call_soon_threadsafe(fn, *args)
+
+
+def _settle(fut: asyncio.Future[Any], value: Any = None, exc: BaseException | None = None) -> None:
+    def settle() -> None:
+        if fut.done():
+            return
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(value)
+
+    _on_loop(fut.get_loop(), settle)
+
+
+class Worker:
+    """One worker process running *target*, with Node's messaging API.
+
+    *target* is a function ``target(parent_port, worker_data)`` or its
+    ``"package.module:function"`` path; *worker_data* is any picklable value (a
+    SharedArray inside it is shared, not copied). The process starts at once.
+
+    Events (`on`, `once`, `off`): ``"online"`` (the worker started running the
+    target), ``"message"`` (msg), ``"error"`` (the exception the target raised; its
+    ``__cause__`` is a `RemoteTraceback` with the worker's traceback), ``"exit"``
+    (exit code). Messages that arrive while nothing listens for them are kept for
+    the next listener or `wait_message`.
+    """
+
+    def __init__(
+        self, target: str | Target, *, worker_data: Any = None, name: str = "allcores-worker"
+    ) -> None:
+        spec = _target_spec(target)
+        init_payload, init_fds = _encode(("init", worker_data), "worker_data")
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = _private_loop()
+        self._listeners: dict[str, list[tuple[Listener, bool]]] = {e: [] for e in _EVENTS}
+        self._inbox: collections.deque[Any] = collections.deque()
+        self._message_waiters: list[asyncio.Future[Any]] = []
+        self._exit_waiters: list[asyncio.Future[int]] = []
+        self._exited = threading.Event()
+        self._exit_code: int | None = None
+        self._error: BaseException | None = None
+        self._eof = False
+        self._channel: AsyncChannel | None = None
+
+        parent_end, child_end = channel_pair()
+        method = _start_method()
+        context = (
+            multiprocessing.get_context("fork")
+            if method == "fork"
+            else multiprocessing.get_context("forkserver")
+        )
+        self._proc = context.Process(
+            target=_worker_main, args=(child_end, spec, method == "fork"), name=name
+        )
+        _PARENT_ENDS[parent_end.fileno()] = parent_end
+        try:
+            self._proc.start()
+        except BaseException:
+            del _PARENT_ENDS[parent_end.fileno()]
+            parent_end.close()
+            _close_fds(init_fds)
+            raise
+        finally:
+            child_end.close()
+        self._pid: int = self._proc.pid or 0
+        self._parent_end = parent_end
+        _LIVE.add(self)
+        _on_loop(self._loop, self._connect, init_payload, init_fds)
+
+    # ── Node's API ──
+
+    @property
+    def pid(self) -> int:
+        return self._pid
+
+    @property
+    def exit_code(self) -> int | None:
+        """The exit code once the "exit" event has fired, else None."""
+        return self._exit_code
+
+    def post_message(self, obj: Any) -> None:
+        """Send a pickled copy of *obj* to the worker (SharedArray memory is shared).
+
+        Raises WorkerError at once if *obj* cannot be pickled; a message posted
+        after the worker has exited is dropped, as in Node.
+        """
+        payload, fds = _encode(("message", obj), "the message")
+        _on_loop(self._loop, self._send, payload, fds)
+
+    def on(self, event: Event, listener: Listener | None = None) -> Listener:
+        """Call *listener* on every *event*; returns it, or a decorator when it is omitted."""
+        return self._add_listener(event, listener, once=False)
+
+    def once(self, event: Event, listener: Listener | None = None) -> Listener:
+        """Call *listener* on the next *event* only."""
+        return self._add_listener(event, listener, once=True)
+
+    def off(self, event: Event, listener: Listener) -> None:
+        self._check_event(event)
+
+        def remove() -> None:
+            entries = self._listeners[event]
+            for i, (registered, _once) in enumerate(entries):
+                if registered is listener:
+                    del entries[i]
+                    return
+
+        _on_loop(self._loop, remove)
+
+    def terminate(self) -> None:
+        """Kill the worker now (SIGKILL, as Node stops a thread mid-instruction).
+
+        The "exit" event follows with code -9; `await wait_exit()` waits for it.
+        """
+        if not self._exited.is_set():
+            with contextlib.suppress(ValueError, ProcessLookupError):
+                self._proc.kill()
+
+    # ── awaitable and blocking forms ──
+
+    async def wait_message(self) -> Any:
+        """The next message from the worker.
+
+        Raises the worker's exception if it fails first, or WorkerError if it exits
+        without sending one.
+        """
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        _on_loop(self._loop, self._add_message_waiter, fut)
+        return await fut
+
+    async def wait_exit(self) -> int:
+        """Wait until the worker has exited and every message was delivered; its exit code."""
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        _on_loop(self._loop, self._add_exit_waiter, fut)
+        return await fut
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        """``async for msg in worker``: every message until exit; raises as wait_message."""
+        return self._stream()
+
+    def join(self, timeout: float | None = None) -> int | None:
+        """Block until the "exit" event has fired; the exit code, or None on timeout.
+
+        For code without an event loop; on the Worker's own loop use `wait_exit`.
+        """
+        with contextlib.suppress(RuntimeError):
+            if asyncio.get_running_loop() is self._loop:
+                raise WorkerError(
+                    "join() would block the event loop that must deliver the exit; "
+                    "use 'await worker.wait_exit()'"
+                )
+        self._exited.wait(timeout)
+        return self._exit_code
+
+    def __repr__(self) -> str:
+        state = "running" if self._exit_code is None else f"exited {self._exit_code}"
+        return f"<Worker pid={self._pid} {state}>"
+
+    # ── internals: everything below runs on self._loop ──
+
+    @staticmethod
+    def _check_event(event: str) -> None:
+        if event not in _EVENTS:
+            raise WorkerError(f"Worker has no {event!r} event; it has: {', '.join(_EVENTS)}")
+
+    def _add_listener(self, event: str, listener: Listener | None, *, once: bool) -> Listener:
+        self._check_event(event)
+        if listener is None:
+            return lambda fn: self._add_listener(event, fn, once=once)
+        registered = listener
+
+        def add() -> None:
+            self._listeners[event].append((registered, once))
+            if event == "message":
+                self._deliver()
+
+        _on_loop(self._loop, add)
+        return listener
+
+    def _connect(self, init_payload: bytes, init_fds: list[int]) -> None:
+        self._channel = AsyncChannel(
+            self._parent_end, self._on_frame, self._on_channel_close, loop=self._loop, raw=True
+        )
+        self._loop.add_reader(self._proc.sentinel, self._on_sentinel)
+        self._send(init_payload, init_fds)
+
+    def _send(self, payload: bytes, fds: list[int]) -> None:
+        try:
+            if self._channel is not None and not self._channel.closed:
+                self._channel.send_bytes(payload, fds)
+        except ChannelError:
+            pass  # the worker is gone; "exit" tells the user
+        finally:
+            _close_fds(fds)
+
+    def _emit(self, event: str, *args: Any) -> bool:
+        entries = self._listeners[event]
+        if not entries:
+            return False
+        for entry in list(entries):
+            listener, once = entry
+            if once and entry in entries:
+                entries.remove(entry)
+            try:
+                listener(*args)
+            except Exception as exc:
+                self._loop.call_exception_handler(
+                    {"message": f"a {event!r} listener of {self!r} raised", "exception": exc}
+                )
+        return True
+
+    def _deliver(self) -> None:
+        while self._inbox and (self._listeners["message"] or self._message_waiters):
+            message = self._inbox.popleft()
+            waiters, self._message_waiters = self._message_waiters, []
+            for fut in waiters:
+                _settle(fut, message)
+            self._emit("message", message)
+
+    def _add_message_waiter(self, fut: asyncio.Future[Any]) -> None:
+        if self._inbox and not self._listeners["message"]:
+            _settle(fut, self._inbox.popleft())
+        elif self._error is not None:
+            _settle(fut, exc=self._error)
+        elif self._exit_code is not None:
+            _settle(fut, exc=self._exited_error(" before sending a message"))
+        else:
+            self._message_waiters.append(fut)
+
+    def _add_exit_waiter(self, fut: asyncio.Future[int]) -> None:
+        if self._exit_code is not None:
+            _settle(fut, self._exit_code)
+        else:
+            self._exit_waiters.append(fut)
+
+    def _exited_error(self, when: str = "") -> WorkerError:
+        return WorkerError(
+            f"worker {self._pid} exited with code {self._exit_code}{when}",
+            exit_code=self._exit_code,
+        )
+
+    def _on_frame(self, payload: bytes | bytearray, fds: list[int]) -> None:
+        try:
+            frame = _decode(payload, fds)
+        except Exception as exc:
+            self._on_error(
+                WorkerError(
+                    f"a message from worker {self._pid} could not be unpickled here ({exc!r}); "
+                    "is its class importable in the parent?"
+                )
+            )
+            return
+        kind = frame[0]
+        if kind == "message":
+            self._inbox.append(frame[1])
+            self._deliver()
+        elif kind == "online":
+            self._emit("online")
+        elif kind == "error":
+            self._on_error(self._rebuild_error(*frame[1:]))
+
+    def _rebuild_error(
+        self, blob: bytes | None, type_name: str, text: str, tb: str
+    ) -> BaseException:
+        exc: BaseException | None = None
+        if blob is not None:
+            with contextlib.suppress(Exception):
+                exc = pickle.loads(blob)
+        if not isinstance(exc, BaseException):
+            exc = WorkerError(f"worker {self._pid} raised {type_name}: {text}")
+        exc.__cause__ = RemoteTraceback(tb)
+        return exc
+
+    def _on_error(self, exc: BaseException) -> None:
+        self._error = exc
+        waiters, self._message_waiters = self._message_waiters, []
+        for fut in waiters:
+            _settle(fut, exc=exc)
+        if not self._emit("error", exc) and not waiters:
+            self._loop.call_exception_handler(
+                {
+                    "message": f"{self!r} raised and nothing listens for its 'error' event",
+                    "exception": exc,
+                }
+            )
+
+    def _on_channel_close(self, exc: BaseException | None) -> None:
+        if exc is not None:
+            # A worker killed with unread messages in its socket resets the connection:
+            # an ordinary way to end, reported by the exit code, not here.
+            log.debug("channel to worker %d broke: %s", self._pid, exc)
+        self._eof = True
+        self._finish()
+
+    def _on_sentinel(self) -> None:
+        self._loop.remove_reader(self._proc.sentinel)
+        self._reap()
+
+    def _reap(self) -> None:
+        code = self._proc.exitcode
+        if code is None:
+            self._loop.call_later(_REAP_POLL_S, self._reap)
+            return
+        self._exit_code = code
+        if not self._eof:
+            self._loop.call_later(_EOF_GRACE_S, self._give_up_on_eof)
+        self._finish()
+
+    def _give_up_on_eof(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+        self._eof = True
+        self._finish()
+
+    def _finish(self) -> None:
+        code = self._exit_code
+        if code is None or not self._eof or self._exited.is_set():
+            return
+        if self._channel is not None:
+            self._channel.close()
+        _PARENT_ENDS.pop(self._parent_end.fileno(), None)
+        self._parent_end.close()
+        _LIVE.discard(self)
+        self._proc.close()
+        self._exited.set()
+        waiters, self._message_waiters = self._message_waiters, []
+        for fut in waiters:
+            _settle(fut, exc=self._error or self._exited_error(" before sending a message"))
+        exit_waiters, self._exit_waiters = self._exit_waiters, []
+        for exit_fut in exit_waiters:
+            _settle(exit_fut, code)
+        self._emit("exit", code)
+
+    async def _stream(self) -> AsyncIterator[Any]:
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        def on_message(message: Any) -> None:
+            _on_loop(loop, queue.put_nowait, ("message", message))
+
+        def on_error(exc: BaseException) -> None:
+            _on_loop(loop, queue.put_nowait, ("error", exc))
+
+        def on_exit(code: int) -> None:
+            _on_loop(loop, queue.put_nowait, ("exit", code))
+
+        def attach() -> None:
+            self._listeners["message"].append((on_message, False))
+            self._deliver()
+            if self._error is not None:
+                on_error(self._error)
+            if self._exit_code is not None and self._exited.is_set():
+                on_exit(self._exit_code)
+            else:
+                self._listeners["error"].append((on_error, False))
+                self._listeners["exit"].append((on_exit, False))
+
+        def detach() -> None:
+            for event, listener in (("message", on_message), ("error", on_error)):
+                entries = self._listeners[event]
+                entries[:] = [entry for entry in entries if entry[0] is not listener]
+            self._listeners["exit"][:] = [e for e in self._listeners["exit"] if e[0] is not on_exit]
+
+        _on_loop(self._loop, attach)
+        try:
+            while True:
+                kind, value = await queue.get()
+                if kind == "message":
+                    yield value
+                elif kind == "error":
+                    raise value
+                else:
+                    if value != 0:
+                        raise self._exited_error()
+                    return
+        finally:
+            _on_loop(self._loop, detach)
+
+
+@atexit.register
+def _kill_live_workers() -> None:
+    # Registered after multiprocessing's own exit hook (imported above), so it runs
+    # first: multiprocessing would otherwise join our workers and hold the exit up.
+    for worker in list(_LIVE):
+        with contextlib.suppress(Exception):
+            worker._proc.kill()
+            worker._proc.join(_ATEXIT_REAP_S)
