@@ -47,6 +47,7 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import math
+import operator
 import os
 import threading
 import types
@@ -127,13 +128,23 @@ def _dtype_name(dtype: Any) -> str:
 
 
 def _shape_tuple(shape: int | Sequence[int]) -> tuple[int, ...]:
-    dims = (shape,) if isinstance(shape, int) else tuple(shape)
-    for dim in dims:
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
-            raise SharedArrayError(
-                f"shape must be a non-negative int or a sequence of them, got {shape!r}"
-            )
-    return dims
+    problem = SharedArrayError(
+        f"shape must be a non-negative int or a sequence of them, got {shape!r}"
+    )
+    if isinstance(shape, str | bytes):
+        raise problem
+    parts = tuple(shape) if isinstance(shape, Sequence) else (shape,)
+    dims: list[int] = []
+    for part in parts:
+        # operator.index accepts numpy's integers too, and refuses floats.
+        try:
+            dim = operator.index(part)
+        except TypeError:
+            raise problem from None
+        if isinstance(part, bool) or dim < 0:
+            raise problem
+        dims.append(dim)
+    return tuple(dims)
 
 
 class _Flock(ctypes.Structure):
