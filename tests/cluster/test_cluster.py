@@ -1,0 +1,183 @@
+"""The cluster end to end: real primary, real workers, real sockets on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import psutil
+import pytest
+
+from tests.cluster.conftest import http_get
+from tests.conftest import wait_until
+
+
+def test_fresh_connections_reach_more_than_one_worker(start_cluster) -> None:  # type: ignore[no-untyped-def]
+    run = start_cluster(workers=2)
+    pids = {int(http_get(run.port)) for _ in range(10)}
+    assert len(pids) == 2
+    assert pids == run.worker_pids()
+
+
+def test_busy_worker_does_not_stop_the_others(start_cluster) -> None:  # type: ignore[no-untyped-def]
+    run = start_cluster(workers=2)
+    done = threading.Event()
+    answer: list[str] = []
+
+    def slow() -> None:
+        answer.append(http_get(run.port, "/cpu?n=50000000", timeout=60))
+        done.set()
+
+    pids = run.worker_pids()
+    start_cpu = {pid: _cpu_seconds(pid) for pid in pids}
+    thread = threading.Thread(target=slow)
+    thread.start()
+    # Wait until the /cpu request is being worked on: one worker burns CPU.
+    busy_pid = wait_until(
+        lambda: next((p for p in pids if _cpu_seconds(p) - start_cpu[p] > 0.2), None), timeout=15
+    )
+    fast = [int(http_get(run.port)) for _ in range(5)]
+    finished_before = done.is_set()
+    thread.join(60)
+    assert not finished_before, "the /cpu request ended too soon to show anything; raise n"
+    assert all(pid != busy_pid for pid in fast)
+    assert answer and answer[0].split()[0] == str(busy_pid)
+
+
+def _cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
+def test_events_fire_with_node_arguments(start_cluster) -> None:  # type: ignore[no-untyped-def]
+    run = start_cluster(workers=2)
+    forks = run.wait_for("fork", count=2)
+    assert sorted(e["id"] for e in forks) == [1, 2]
+    run.wait_for("online", count=2)
+    listening = run.wait_for("listening", count=2)
+    assert {e["port"] for e in listening} == {run.port}
+    assert {e["address"] for e in listening} == {"127.0.0.1"}
+    victim = listening[0]
+    os.kill(victim["pid"], signal.SIGKILL)
+    exits = run.wait_for("exit", id=victim["id"])
+    assert exits[0]["code"] is None and exits[0]["signal"] == "SIGKILL"
+    assert exits[0]["planned"] is False
+    run.wait_for("disconnect", id=victim["id"])
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.wait_exit() == 0
+    planned = run.find("exit", planned=True)
+    assert len(planned) == 1 and planned[0]["code"] == 0
+
+
+def test_messages_round_trip_with_a_socket(start_cluster) -> None:  # type: ignore[no-untyped-def]
+    run = start_cluster(workers=2, APP_PING="1")
+    messages = run.wait_for("message", count=2)
+    assert all(m["handle"] for m in messages)
+    assert sorted(m["message"]["ping"] for m in messages) == [1, 2]
+    pongs = run.wait_for("pong", count=2)
+    for pong in pongs:
+        assert pong["message"] == {"pong": pong["id"]}
+        assert pong["data"] == "through the handle"
+
+
+@pytest.mark.parametrize("policy", ["balanced", "rr", "shared", "reuseport"])
+def test_each_policy_serves(start_cluster, policy: str) -> None:  # type: ignore[no-untyped-def]
+    run = start_cluster(workers=2, APP_POLICY=policy)
+    with ThreadPoolExecutor(8) as pool:
+        bodies = list(pool.map(lambda _: http_get(run.port), range(40)))
+    pids = run.worker_pids()
+    assert all(int(body) in pids for body in bodies)
+    if policy in ("balanced", "rr"):
+        # The primary decides, so both workers must have served.
+        assert {int(body) for body in bodies} == pids
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.wait_exit() == 0
+
+
+@pytest.mark.parametrize("policy", ["balanced", "reuseport"])
+def test_sigkilled_worker_is_respawned_and_port_keeps_answering(start_cluster, policy) -> None:  # type: ignore[no-untyped-def]
+    run = start_cluster(workers=2, APP_RESPAWN="1", APP_POLICY=policy)
+    first = run.worker_pids()
+    victim = first.pop()
+    os.kill(victim, signal.SIGKILL)
+    for _ in range(5):
+        assert int(http_get(run.port)) in run.worker_pids() | first
+    exit_event = run.wait_for("exit", pid=victim)[0]
+    assert exit_event["signal"] == "SIGKILL"
+    run.wait_for("listening", count=3)
+    pids = run.worker_pids()
+    assert victim not in pids and len(pids) == 2
+    assert {int(http_get(run.port)) for _ in range(10)} <= pids
+
+
+def test_crash_loop_stops_the_primary_with_a_report(start_cluster) -> None:  # type: ignore[no-untyped-def]
+    run = start_cluster(
+        workers=2, wait_listening=False, APP_RESPAWN="1", APP_BOOT_FAIL="1", APP_CRASH_LIMIT="4"
+    )
+    assert run.wait_exit(30) == 1
+    stderr = "".join(run.stderr)
+    assert "failed while booting: exit code 3" in stderr
+    assert "crash_loop_limit=4" in stderr
+    assert "cannot boot: missing configuration APP_SECRET" in stderr.split("Last output")[-1]
+    assert len(run.find("exit")) == 4
+    assert run.find("primary-exit", code=1)
+
+
+def test_sigterm_drains_in_flight_requests(start_cluster) -> None:  # type: ignore[no-untyped-def]
+    run = start_cluster(workers=2)
+    result: list[str] = []
+    thread = threading.Thread(target=lambda: result.append(http_get(run.port, "/sleep?s=1.5")))
+    thread.start()
+    wait_until(
+        lambda: any(
+            c.status == psutil.CONN_ESTABLISHED
+            for pid in run.worker_pids()
+            for c in psutil.Process(pid).net_connections()
+        )
+    )
+    run.proc.send_signal(signal.SIGTERM)
+    thread.join(20)
+    assert result and result[0].endswith("slept")
+    assert run.wait_exit() == 0
+    assert all(e["planned"] and e["code"] == 0 for e in run.find("exit"))
+    assert len(run.find("worker-done")) == 2
+
+
+def test_sigkill_of_primary_leaves_no_worker(start_cluster) -> None:  # type: ignore[no-untyped-def]
+    run = start_cluster(workers=2)
+    workers = run.worker_pids()
+    os.kill(run.proc.pid, signal.SIGKILL)
+    run.wait_exit()
+
+    def all_gone() -> bool:
+        return not any(
+            psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in workers
+        )
+
+    wait_until(all_gone, timeout=10)
+
+
+def test_corrupt_frame_is_survived(start_cluster) -> None:  # type: ignore[no-untyped-def]
+    run = start_cluster(workers=2, APP_RESPAWN="1")
+    pids = run.worker_pids()
+    # The request's worker corrupts its own channel; the primary drops that channel.
+    culprit = None
+    try:
+        culprit = int(http_get(run.port, "/corrupt", timeout=5))
+    except Exception:
+        pass
+    wait_until(lambda: "bad magic" in "".join(run.stderr))
+    assert run.proc.poll() is None
+    for _ in range(6):
+        assert int(http_get(run.port)) in run.worker_pids() | pids
+    if culprit is not None:
+        assert culprit in pids
+
+
+def test_sigint_stops_cleanly(start_cluster) -> None:  # type: ignore[no-untyped-def]
+    run = start_cluster(workers=1)
+    run.proc.send_signal(signal.SIGINT)
+    assert run.wait_exit() == 0
+    assert run.find("primary-exit", code=0)
