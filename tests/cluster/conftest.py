@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -78,10 +79,8 @@ class ClusterRun:
                     f"no {count}x {event} {match} within {timeout} s; events: {self.events}; "
                     f"stderr: {''.join(self.stderr)[-2000:]}"
                 )
-            try:
+            with contextlib.suppress(queue.Empty):
                 self._new.get(timeout=min(left, 0.2))
-            except queue.Empty:
-                pass
 
     def worker_pids(self) -> set[int]:
         self.processes.remember_children(self.proc)
