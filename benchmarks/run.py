@@ -1,0 +1,184 @@
+"""Side-by-side benchmarks of allcores against its anchors.
+
+    python benchmarks/run.py setup                       build the anchors' venv, install wrk
+    python benchmarks/run.py http --runs 5 --duration 10 hello world: uvicorn, gunicorn, allcores
+    python benchmarks/run.py pool --repeats 3            PPE, loky, pebble, anyio, allcores
+    python benchmarks/run.py seed --runs 3               the seed's /cpu-versus-/ experiment
+    python benchmarks/run.py pool --quick                tiny settings: proves the harness runs
+
+Run it with the project's interpreter (.venv-3.11/bin/python): allcores runs from it,
+the anchors from benchmarks/.anchors-venv, which `setup` (or any subcommand) builds with
+pinned versions. Each command prints a table and writes JSON to benchmarks/results/
+(or to --out). The method is that of /work/shared/BENCHMARKS.md; figures and the
+commands that made them are in docs/PERFORMANCE.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+# The modules beside this script import as top-level modules: Python puts the script's
+# folder first on sys.path.
+import bench_env
+import bench_http
+import bench_pool
+import bench_seed
+
+# --quick: enough to go through every code path once, in seconds, on any machine.
+QUICK = {"runs": 1, "repeats": 1, "duration": 1, "warmup": 1}
+# wrk takes whole seconds, hence int durations.
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--quick", action="store_true", help="tiny settings, for a smoke test")
+        p.add_argument("--out", type=Path, help="JSON result path (default benchmarks/results/)")
+        p.add_argument(
+            "--anchors-python",
+            help="run the anchors with this interpreter instead of benchmarks/.anchors-venv "
+            "(only the anchors it has will run; for the smoke test)",
+        )
+
+    sub.add_parser("setup", help="build the anchors' venv and install wrk")
+
+    http = sub.add_parser("http", help="hello world under each server")
+    common(http)
+    http.add_argument("--runs", type=int, default=5)
+    http.add_argument("--duration", type=int, default=10, help="seconds of wrk per sample")
+    http.add_argument("--warmup", type=int, default=2, help="seconds of wrk warm-up")
+    http.add_argument("--connections", type=int, default=64)
+    http.add_argument("--workers", type=int, default=2)
+    http.add_argument(
+        "--servers",
+        default=",".join(bench_http.DEFAULT_SERVERS),
+        help="comma-separated, from: "
+        + ", ".join(bench_http.DEFAULT_SERVERS + bench_http.OPTIONAL_SERVERS),
+    )
+
+    pool = sub.add_parser("pool", help="task pools side by side")
+    common(pool)
+    pool.add_argument("--repeats", type=int, default=3)
+    pool.add_argument("--pools", default=",".join(bench_pool.POOLS))
+    pool.add_argument("--workloads", default=",".join(bench_pool.WORKLOADS))
+
+    seed = sub.add_parser("seed", help="the seed's experiment: /cpu load against /")
+    common(seed)
+    seed.add_argument("--runs", type=int, default=3)
+    seed.add_argument("--duration", type=int, default=10)
+    seed.add_argument("--warmup", type=int, default=2)
+    seed.add_argument("--variants", default=",".join(bench_seed.VARIANTS))
+    return parser
+
+
+def _split(text: str, allowed: list[str]) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        raise SystemExit(f"unknown name(s) {unknown}; choose from {allowed}")
+    return names
+
+
+def _anchors(args: argparse.Namespace) -> str:
+    return str(args.anchors_python) if args.anchors_python else bench_env.ensure_anchors_venv()
+
+
+def _wrk() -> str:
+    wrk = bench_env.ensure_wrk()
+    if wrk is None:
+        raise SystemExit("wrk is not installed and could not be installed (apt-get install wrk)")
+    return wrk
+
+
+def _finish(
+    name: str, args: argparse.Namespace, result: dict[str, Any], text: str, env: dict[str, Any]
+) -> None:
+    payload = {
+        "benchmark": name,
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        **env,
+        **result,
+    }
+    path = bench_env.write_result(name, payload, args.out)
+    print(text)
+    print(f"\n{env['date']}, {env['machine']['cpus']} CPUs; JSON: {path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    if args.command == "setup":
+        print(bench_env.ensure_anchors_venv())
+        print(bench_env.ensure_wrk() or "wrk could not be installed")
+        return
+    anchors = _anchors(args)
+    project = bench_env.project_python()
+    if args.command == "pool":
+        pools = _split(args.pools, bench_pool.POOLS)
+        if "allcores" in pools and not bench_env.allcores_has("from allcores.pool import Pool"):
+            print("allcores.pool.Pool is not importable: leaving allcores out", file=sys.stderr)
+            pools.remove("allcores")
+        settings = bench_pool.PoolSettings(
+            repeats=QUICK["repeats"] if args.quick else args.repeats,
+            quick=args.quick,
+            pools=pools,
+            workloads=_split(args.workloads, bench_pool.WORKLOADS),
+            anchors_python=anchors,
+            project_python=project,
+        )
+        env = bench_env.describe_environment(anchors, None)
+        result = bench_pool.run_pool_benchmark(settings)
+        _finish("pool", args, result, bench_pool.render(result), env)
+        return
+    wrk = _wrk()
+    if args.command == "http":
+        allowed = bench_http.DEFAULT_SERVERS + bench_http.OPTIONAL_SERVERS
+        servers = _split(args.servers, allowed)
+        if any(s.startswith("allcores-") for s in servers) and not bench_env.allcores_has(
+            "from allcores import cluster; cluster.start_server"
+        ):
+            print(
+                "allcores.cluster is not ready: leaving the allcores servers out", file=sys.stderr
+            )
+            servers = [s for s in servers if not s.startswith("allcores-")]
+        http_settings = bench_http.HttpSettings(
+            runs=QUICK["runs"] if args.quick else args.runs,
+            duration_s=QUICK["duration"] if args.quick else args.duration,
+            warmup_s=QUICK["warmup"] if args.quick else args.warmup,
+            connections=args.connections,
+            servers=servers,
+            workers=args.workers,
+            anchors_python=anchors,
+            project_python=project,
+            wrk=wrk,
+        )
+        env = bench_env.describe_environment(anchors, wrk)
+        result = bench_http.run_http_benchmark(http_settings)
+        _finish("http", args, result, bench_http.render(result), env)
+        return
+    seed_settings = bench_seed.SeedSettings(
+        runs=QUICK["runs"] if args.quick else args.runs,
+        duration_s=QUICK["duration"] if args.quick else args.duration,
+        warmup_s=QUICK["warmup"] if args.quick else args.warmup,
+        variants=_split(args.variants, bench_seed.VARIANTS),
+        anchors_python=anchors,
+        project_python=project,
+        wrk=wrk,
+        cpu_n=200_000 if args.quick else 2_000_000,
+    )
+    env = bench_env.describe_environment(anchors, wrk)
+    result = bench_seed.run_seed_benchmark(seed_settings)
+    _finish("seed", args, result, bench_seed.render(result), env)
+
+
+if __name__ == "__main__":
+    main()
