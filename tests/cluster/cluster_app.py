@@ -64,6 +64,8 @@ def primary() -> int:
             # Send the socket straight back, with a reply: a round trip with a handle.
             worker.send({"pong": message["ping"]}, handle)
             handle.close()
+        if message == "disconnect me":
+            worker.disconnect()
 
     cluster.on("message", on_message)
     for _ in range(WORKERS):
@@ -92,6 +94,9 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
                 assert cluster.worker is not None
                 # Bypass the channel: write a frame with a bad magic to the primary.
                 cluster.worker._sock.send(b"\xde\xad\xbe\xef" * 4)
+            elif target.path == "/disconnect-me":
+                assert cluster.worker is not None
+                cluster.worker.send("disconnect me")
             elif target.path == "/exit":
                 os._exit(int(query.get("code", "3")))
             data = body.encode()
@@ -125,6 +130,18 @@ async def worker_main() -> None:
             got.set_result((message, handle))
 
     me.on("message", on_message)
+    if os.environ.get("APP_MODE") == "listen":
+        # Another server library on the cluster's socket: here plain asyncio.
+        try:
+            sock = await cluster.listen("127.0.0.1", PORT)
+        except cluster.WorkerError as exc:
+            say(event="listen-refused", id=me.id, error=str(exc))
+            await asyncio.sleep(3600)
+            return
+        plain = await asyncio.start_server(handle, sock=sock)
+        async with plain:
+            await plain.serve_forever()
+        return
     server = await cluster.start_server(handle, "127.0.0.1", PORT)
     if os.environ.get("APP_PING") == "1":
         mine, theirs = socket.socketpair()

@@ -180,3 +180,37 @@ def test_sigint_stops_cleanly(start_cluster) -> None:  # type: ignore[no-untyped
     run.proc.send_signal(signal.SIGINT)
     assert run.wait_exit() == 0
     assert run.find("primary-exit", code=0)
+
+
+def test_listen_hands_the_shared_socket_to_another_server(start_cluster) -> None:  # type: ignore[no-untyped-def]
+    run = start_cluster(workers=2, APP_POLICY="shared", APP_MODE="listen")
+    pids = run.worker_pids()
+    assert all(int(http_get(run.port)) in pids for _ in range(10))
+
+
+def test_listen_under_balanced_says_what_to_do(start_cluster) -> None:  # type: ignore[no-untyped-def]
+    run = start_cluster(workers=1, wait_listening=False, APP_MODE="listen")
+    refused = run.wait_for("listen-refused")
+    assert "use cluster.start_server" in refused[0]["error"]
+    assert "'shared'" in refused[0]["error"]
+
+
+def test_worker_disconnect_is_a_planned_exit(start_cluster) -> None:  # type: ignore[no-untyped-def]
+    run = start_cluster(workers=2, APP_RESPAWN="1")
+    # The worker asks; the primary calls worker.disconnect(): drain, exit 0, no respawn.
+    pid = int(http_get(run.port, "/disconnect-me"))
+    exit_event = run.wait_for("exit", pid=pid)[0]
+    assert exit_event["planned"] is True and exit_event["code"] == 0
+    run.wait_for("disconnect", pid=pid)
+    assert len(run.find("fork")) == 2
+    assert {int(http_get(run.port)) for _ in range(4)} == run.worker_pids()
+
+
+def test_a_crash_after_boot_is_told_apart_from_a_boot_failure(start_cluster) -> None:  # type: ignore[no-untyped-def]
+    run = start_cluster(workers=1, APP_RESPAWN="1")
+    with contextlib.suppress(Exception):
+        http_get(run.port, "/exit?code=7", timeout=5)
+    run.wait_for("listening", count=2)
+    stderr = "".join(run.stderr)
+    assert "crashed: exit code 7" in stderr
+    assert "failed while booting" not in stderr
