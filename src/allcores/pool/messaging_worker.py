@@ -297,6 +297,25 @@ def _reset_signals() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _release_forkserver() -> None:
+    """Let the forkserver see our parent die, so PR_SET_PDEATHSIG can fire for us.
+
+    multiprocessing gives each forkserver child the write end of the pipe by which
+    the forkserver learns that the parent process is gone. While a worker holds it,
+    the forkserver outlives a SIGKILLed parent, and the worker (whose parent is the
+    forkserver) with it. Nothing in the worker needs that fd: a forkserver the worker
+    starts for itself gets its own pipe.
+    """
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver
+    alive_fd = getattr(server, "_forkserver_alive_fd", None)
+    if isinstance(alive_fd, int):
+        with contextlib.suppress(OSError):
+            os.close(alive_fd)
+        setattr(server, "_forkserver_alive_fd", None)  # noqa: B010
+
+
 def _worker_main(sock: socket.socket, spec: tuple[str, str | bytes], forked: bool) -> None:
     """The worker process's entry point (run by multiprocessing's bootstrap)."""
     _die_with_parent()
@@ -307,6 +326,8 @@ def _worker_main(sock: socket.socket, spec: tuple[str, str | bytes], forked: boo
         for parent_end in list(_PARENT_ENDS.values()):
             with contextlib.suppress(OSError):
                 os.close(parent_end.detach())
+    else:
+        _release_forkserver()
     channel = Channel(sock, raw=True)
     try:
         payload, fds = channel.recv_bytes()
@@ -421,6 +442,8 @@ class Worker:
     ) -> None:
         spec = _target_spec(target)
         init_payload, init_fds = _encode(("init", worker_data), "worker_data")
+        # Chosen before the private loop below can add a thread to this process.
+        method = _start_method()
         try:
             self._loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -436,7 +459,6 @@ class Worker:
         self._channel: AsyncChannel | None = None
 
         parent_end, child_end = channel_pair()
-        method = _start_method()
         context = (
             multiprocessing.get_context("fork")
             if method == "fork"
