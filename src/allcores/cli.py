@@ -54,7 +54,7 @@ def demo(example: str | None, port: int | None) -> None:
         click.echo(f"allcores demo: running examples/{path.name} on port {shown_port}")
         click.echo("Try, from another terminal:")
         click.echo(f"  curl localhost:{shown_port}/        # answered by different workers")
-        click.echo(f"  curl localhost:{shown_port}/cpu     # CPU-heavy; / keeps answering meanwhile")
+        click.echo(f"  curl localhost:{shown_port}/cpu     # CPU-heavy; / still answers")
         if example != "worker-threads":
             click.echo("  kill -9 <a worker pid>        # the primary logs it and starts another")
         click.echo("Stop with Ctrl-C.", err=False)
