@@ -123,6 +123,7 @@ async def worker_main() -> None:
     if BOOT_FAIL:
         print(f"worker {me.id}: cannot boot: missing configuration APP_SECRET", file=sys.stderr)
         sys.exit(3)
+    print(f"worker {me.id} up", flush=True)  # not JSON: ignored by the event reader
     got: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
     def on_message(message: Any, handle: socket.socket | None) -> None:

@@ -5,14 +5,16 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import psutil
 import pytest
 
 from tests.cluster.conftest import http_get
-from tests.conftest import wait_until
+from tests.conftest import free_port, wait_until
 
 
 def test_fresh_connections_reach_more_than_one_worker(start_cluster) -> None:  # type: ignore[no-untyped-def]
@@ -214,3 +216,26 @@ def test_a_crash_after_boot_is_told_apart_from_a_boot_failure(start_cluster) -> 
     stderr = "".join(run.stderr)
     assert "crashed: exit code 7" in stderr
     assert "failed while booting" not in stderr
+
+
+def test_setup_primary_exec_args_and_silent(processes) -> None:  # type: ignore[no-untyped-def]
+    """A primary that runs another program as its workers, with its output hidden."""
+    port = free_port()
+    primary = (
+        "import sys\n"
+        "from allcores import cluster\n"
+        "cluster.setup_primary(exec=sys.argv[1], args=[], silent=True)\n"
+        "cluster.fork()\n"
+        "def listening(worker, address):\n"
+        "    print('listening', worker.id, address.port, flush=True)\n"
+        "    cluster.stop()\n"
+        "cluster.on('listening', listening)\n"
+        "sys.exit(cluster.run())\n"
+    )
+    app = str(Path(__file__).with_name("cluster_app.py"))
+    env = dict(os.environ, APP_PORT=str(port))
+    proc = processes.python("-c", primary, app, env=env, stdout=subprocess.PIPE)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    # The worker's own stdout ("worker 1 up") is hidden by silent=True.
+    assert out.decode().splitlines() == [f"listening 1 {port}"]
