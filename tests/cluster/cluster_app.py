@@ -26,7 +26,9 @@ BOOT_FAIL = os.environ.get("APP_BOOT_FAIL") == "1"
 
 
 def say(**fields: Any) -> None:
-    print(json.dumps(fields), flush=True)
+    # One write() per line: the primary and its workers share this pipe, and print()
+    # may write the text and its newline separately, interleaving lines.
+    os.write(1, (json.dumps(fields) + "\n").encode())
 
 
 def primary() -> int:
@@ -123,7 +125,7 @@ async def worker_main() -> None:
     if BOOT_FAIL:
         print(f"worker {me.id}: cannot boot: missing configuration APP_SECRET", file=sys.stderr)
         sys.exit(3)
-    print(f"worker {me.id} up", flush=True)  # not JSON: ignored by the event reader
+    os.write(1, f"worker {me.id} up\n".encode())  # not JSON: ignored by the event reader
     got: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
     def on_message(message: Any, handle: socket.socket | None) -> None:

@@ -28,7 +28,9 @@ class Output:
             self.lines.append(line.decode(errors="replace").rstrip("\n"))
 
     def matching(self, pattern: str) -> list[re.Match[str]]:
-        return [m for line in list(self.lines) if (m := re.fullmatch(pattern, line))]
+        # Search the whole text, not line by line: the primary and its workers share
+        # stdout, and two processes' prints may land on one line.
+        return list(re.finditer(pattern, "\n".join(self.lines)))
 
 
 def start(
