@@ -66,7 +66,7 @@ class ClusterRun:
         ]
 
     def wait_for(
-        self, event: str, count: int = 1, timeout: float = 15.0, **match: Any
+        self, event: str, count: int = 1, timeout: float = 30.0, **match: Any
     ) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout
         while True:
