@@ -331,8 +331,8 @@ class AsyncChannel:
     *on_message(obj, fds)* runs in the loop for each frame (the payload bytes when
     ``raw=True``); the receiver owns the fds. *on_close(exc)* runs once when the
     channel ends: ``None`` for a clean EOF or a local `close`, a `ChannelError` for a
-    broken or corrupt stream. An exception raised by *on_message* propagates to the
-    loop's exception handler and does not close the channel.
+    broken or corrupt stream. An exception raised by *on_message* goes to the loop's
+    exception handler; it neither closes the channel nor drops other frames.
     """
 
     def __init__(
@@ -457,7 +457,7 @@ class AsyncChannel:
                 _close_fds(fds)
                 continue
             if self._raw:
-                self._on_message(payload, fds)
+                self._deliver(payload, fds)
                 continue
             try:
                 obj = _decode(payload)
@@ -465,7 +465,16 @@ class AsyncChannel:
                 _close_fds(fds)
                 self._fail(exc)
                 return
+            self._deliver(obj, fds)
+
+    def _deliver(self, obj: Any, fds: list[int]) -> None:
+        # A handler's bug must not drop the frames read with this one.
+        try:
             self._on_message(obj, fds)
+        except Exception as exc:
+            self._loop.call_exception_handler(
+                {"message": "allcores channel message handler raised", "exception": exc}
+            )
 
     def _fail(self, exc: BaseException | None) -> None:
         if self._closed:
