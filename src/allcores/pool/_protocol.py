@@ -1,0 +1,217 @@
+"""The conversation between the pool and a worker, whatever the backend.
+
+::
+
+    pool (parent)                                   worker (blocking loop, `serve`)
+    SETUP {worker id, initializer, scoreboard} ──►  attach scoreboard row, run initializer
+                                               ◄──  READY pid | INIT_FAILED (exc, traceback)
+    TASK  id (fn blob, args, kwargs)           ──►  fn(*args, **kwargs)
+    CHUNK id (fn blob, [args, ...])            ──►  [fn(*args) for each]
+    SKIP  id (a prefetched task was cancelled) ──►  drop it if it has not started
+                                               ◄──  RESULT id value | ERROR id (exc, traceback)
+                                               ◄──  CHUNK_RESULT id (values, error or None)
+    end of the channel                         ──►  the worker returns (exit code 0)
+
+Every message is one frame packed by `_serialize.pack` (the task id and the run time
+ride in its fixed head). A worker runs its tasks one at a time, in the order they
+came; the pool may send it a few ahead (prefetch), so before starting a task that
+waited in its buffer the worker looks for SKIP messages that arrived meanwhile.
+
+The loop here only needs an endpoint with blocking ``recv_bytes``, non-blocking
+``poll`` and ``send_bytes`` (`allcores.ipc.Channel`), so backends other than
+processes can reuse it.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import pickle
+import time
+import traceback
+from typing import Any, Protocol
+
+from allcores.errors import ChannelClosed
+from allcores.observe.scoreboard import Row, RowState, Scoreboard
+from allcores.pool._serialize import (
+    Packed,
+    large_bytes,
+    load_function,
+    pack,
+    read_head,
+    unpack,
+)
+
+# Parent -> worker.
+SETUP = 1
+TASK = 2
+CHUNK = 3
+SKIP = 4
+# Worker -> parent.
+READY = 10
+INIT_FAILED = 11
+RESULT = 12
+ERROR = 13
+CHUNK_RESULT = 14
+
+
+class Endpoint(Protocol):
+    def recv_bytes(self, timeout: float | None = None) -> tuple[bytes | bytearray, list[int]]: ...
+    def poll(self) -> bool: ...
+    def send_bytes(self, payload: bytes | bytearray | memoryview, fds: list[int] = ...) -> None: ...
+
+
+def format_exception(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
+def pack_error(kind: int, task_id: int, exc: BaseException, seconds: float = 0.0) -> Packed:
+    """An error message for *exc*, which survives an exception that does not pickle."""
+    tb = format_exception(exc)
+    try:
+        return pack(kind, task_id, (exc, tb), seconds)
+    except Exception as pickling_error:
+        stand_in = RuntimeError(
+            f"{type(exc).__module__}.{type(exc).__qualname__}: {exc} "
+            f"(the original exception could not be pickled: {pickling_error!r})"
+        )
+        return pack(kind, task_id, (stand_in, tb), seconds)
+
+
+class _RowWriter:
+    """This worker's scoreboard row, or nothing when the pool keeps no scoreboard."""
+
+    __slots__ = ("row",)
+
+    def __init__(self, row: Row | None) -> None:
+        self.row = row
+
+    def start(self) -> None:
+        row = self.row
+        if row is not None:
+            row.set("state", RowState.BUSY)
+            row.set("tasks", 1)
+            row.beat()
+
+    def finish(self) -> None:
+        row = self.row
+        if row is not None:
+            row.set("tasks", 0)
+            row.add("tasks_total", 1)
+            row.set("state", RowState.READY)
+            row.beat()
+
+
+def _setup(endpoint: Endpoint) -> _RowWriter | None:
+    """Read SETUP, run the initializer; None when the worker must stop."""
+    try:
+        payload, fds = endpoint.recv_bytes()
+    except ChannelClosed:
+        return None
+    setup: dict[str, Any] = unpack(payload, fds)
+    row = None
+    scoreboard = setup.get("scoreboard")
+    if scoreboard is not None:
+        board = Scoreboard(scoreboard, setup["scoreboard_rows"])
+        row = board.row(setup["row"])
+        row.set("pid", os.getpid())
+        row.set("state", RowState.STARTING)
+        row.set("started", time.monotonic())
+        row.beat()
+    initializer = setup.get("initializer")
+    if initializer is not None:
+        try:
+            fn, args = pickle.loads(initializer)
+            fn(*args)
+        except BaseException as exc:
+            packed = pack_error(INIT_FAILED, 0, exc)
+            endpoint.send_bytes(packed.payload, packed.fds)
+            packed.close()
+            return None
+    if row is not None:
+        row.set("state", RowState.READY)
+        row.beat()
+    packed = pack(READY, 0, os.getpid())
+    endpoint.send_bytes(packed.payload, packed.fds)
+    return _RowWriter(row)
+
+
+def _run(kind: int, task_id: int, payload: bytes | bytearray, fds: list[int]) -> Packed:
+    try:
+        blob, *rest = unpack(payload, fds)
+        fn = load_function(blob)
+    except BaseException as exc:
+        exc.add_note("(while the worker unpickled the task)")
+        return pack_error(ERROR, task_id, exc)
+    if kind == TASK:
+        args, kwargs = rest
+        start = time.perf_counter()
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:
+            return pack_error(ERROR, task_id, exc, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        try:
+            return pack(RESULT, task_id, large_bytes(result), seconds)
+        except BaseException as exc:
+            exc.add_note(f"(while the worker pickled the result of {fn!r}: it was {type(result)})")
+            return pack_error(ERROR, task_id, exc, seconds)
+    (items,) = rest
+    results: list[Any] = []
+    error = None
+    start = time.perf_counter()
+    for item in items:
+        try:
+            results.append(fn(*item))
+        except BaseException as exc:
+            error = (exc, format_exception(exc))
+            break
+    seconds = time.perf_counter() - start
+    try:
+        return pack(CHUNK_RESULT, task_id, (results, error), seconds)
+    except BaseException as exc:
+        exc.add_note(f"(while the worker pickled the results of a map chunk of {fn!r})")
+        return pack_error(ERROR, task_id, exc, seconds)
+
+
+def serve(endpoint: Endpoint) -> None:
+    """The worker's life: setup, then tasks until the pool closes the channel."""
+    row = _setup(endpoint)
+    if row is None:
+        return
+    pending: collections.deque[tuple[bytes | bytearray, list[int]]] = collections.deque()
+    skipped: set[int] = set()
+
+    def take(frame: tuple[bytes | bytearray, list[int]]) -> None:
+        if frame[0][0] == SKIP:
+            skipped.add(read_head(frame[0])[3])
+        else:
+            pending.append(frame)
+
+    ran_since_read = False
+    try:
+        while True:
+            if ran_since_read and pending:
+                # Frames read before the last task ran: a SKIP for one of them may be
+                # waiting in the socket. Read what is there before starting the next.
+                while endpoint.poll():
+                    take(endpoint.recv_bytes())
+            ran_since_read = False
+            while not pending:
+                take(endpoint.recv_bytes())
+            payload, fds = pending.popleft()
+            task_id = read_head(payload)[3]
+            if task_id in skipped:
+                skipped.discard(task_id)
+                for fd in fds:
+                    os.close(fd)
+                continue
+            row.start()
+            packed = _run(payload[0], task_id, payload, fds)
+            del payload
+            row.finish()
+            endpoint.send_bytes(packed.payload, packed.fds)
+            packed.close()
+            ran_since_read = True
+    except ChannelClosed:
+        return

@@ -1,0 +1,92 @@
+"""What the pool asks of a backend: start a worker, talk to it, stop it, hear it end.
+
+The pool's core (queue, dispatch, futures, timeouts, stats, map) knows only this
+interface. A backend owns everything about *where* a worker runs: a process (today),
+a subinterpreter, a free-threaded thread, a Dask or Ray worker (next). Each says
+what it can do in `Capabilities`, and the pool degrades where one cannot (a thread
+cannot be killed, so its running tasks cannot be cancelled or timed out).
+
+::
+
+    pool core                                 backend worker
+    backend.start_worker(id, setup) ────────► a worker running `_protocol.serve`
+    worker.attach(loop, on_message, on_exit)  its frames reach on_message in the loop
+    worker.send(payload, fds)  ─────────────► a frame
+    worker.stop()   (no more work: finish, then end) / worker.kill() (now)
+    on_exit(WorkerExit) ◄──────────────────── it ended, for whatever reason (exactly once)
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import dataclasses
+from collections.abc import Callable, Sequence
+
+__all__ = ["Backend", "BackendWorker", "Capabilities", "WorkerExit"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do; the pool and the docs' table read it."""
+
+    cancel_running: bool
+    enforce_timeout: bool
+    shared_memory: bool
+    crash_isolation: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerExit:
+    """How a worker ended: an exit code (negative: the signal that killed it)."""
+
+    exitcode: int | None
+
+
+OnMessage = Callable[[bytes | bytearray, list[int]], None]
+OnExit = Callable[[WorkerExit], None]
+
+
+class BackendWorker(abc.ABC):
+    """One worker, as the pool core sees it. Methods run in the pool's loop."""
+
+    worker_id: int
+    pid: int | None
+
+    @abc.abstractmethod
+    def attach(
+        self, loop: asyncio.AbstractEventLoop, on_message: OnMessage, on_exit: OnExit
+    ) -> None:
+        """Start delivering this worker's frames and its end to the loop."""
+
+    @abc.abstractmethod
+    def send(self, payload: bytes | bytearray | memoryview, fds: Sequence[int] = ()) -> None:
+        """Queue one frame to the worker (never blocks the loop)."""
+
+    @abc.abstractmethod
+    def stop(self) -> None:
+        """No more work: the worker ends after the frames already sent (on_exit follows)."""
+
+    @abc.abstractmethod
+    def kill(self) -> None:
+        """End the worker now, whatever it is doing (on_exit follows)."""
+
+    @abc.abstractmethod
+    def terminate_now(self) -> None:
+        """End and reap the worker without the loop (interpreter exit, a closed loop)."""
+
+
+class Backend(abc.ABC):
+    name: str
+    capabilities: Capabilities
+
+    @abc.abstractmethod
+    def start_worker(self, worker_id: int, setup: bytes, setup_fds: Sequence[int]) -> BackendWorker:
+        """Start a worker and hand it its SETUP frame. May block briefly."""
+
+    def start_is_slow(self) -> bool:
+        """True when `start_worker` may block for long (the pool then calls it in a thread)."""
+        return False
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
+        """Release what the backend holds once every worker has ended."""

@@ -1,0 +1,242 @@
+"""The process backend: each worker is an OS process, killed and replaced at will.
+
+::
+
+    pool loop (parent)                                    worker process
+    start_worker ─ fork | forkserver | spawn ───────────► _process_worker.main
+                   socketpair end in args                   prctl(PDEATHSIG, SIGKILL), nice
+    send(frame) ── AsyncChannel (loop writes) ──────────► Channel.recv_bytes (blocking)
+    on_message  ◄─ AsyncChannel (loop reads, add_reader) ◄─ Channel.send_bytes
+    kill() ─ SIGKILL
+    stop() ─ close the channel ─────────────────────────► EOF: exit 0
+    on_exit ◄── loop.add_reader(process.sentinel), after the channel's EOF is read
+                (so a result sent just before death is not lost), then join()
+
+Start method: ``fork`` while this process has a single OS thread (fast: ~1 ms, and
+a forked child shares the parent's imported modules), else ``forkserver``, since
+forking a process with threads can deadlock the child on a lock some other thread
+held. ``start_method=`` (or ``mp_context=``) forces one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import multiprocessing.context
+import multiprocessing.forkserver
+import os
+import socket
+from collections.abc import Callable, Sequence
+
+from allcores.ipc.channel import AsyncChannel, Channel, channel_pair
+from allcores.pool.backends import _process_worker
+from allcores.pool.backends.base import (
+    Backend,
+    BackendWorker,
+    Capabilities,
+    OnExit,
+    OnMessage,
+    WorkerExit,
+)
+
+__all__ = ["ProcessBackend", "ProcessWorker", "choose_start_method"]
+
+_START_METHODS = ("fork", "forkserver", "spawn")
+# After the sentinel says a worker died, how long its channel may stay open before
+# the exit is handled anyway: EOF normally follows within microseconds, but a
+# grandchild that inherited the socket would hold it open forever.
+_EOF_GRACE = 0.1
+
+
+def _os_threads() -> int:
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        import threading
+
+        return threading.active_count()
+
+
+def choose_start_method(forced: str | None = None) -> str:
+    """fork when safe (one OS thread, counting C threads), else forkserver."""
+    if forced is not None:
+        return forced
+    if "fork" in multiprocessing.get_all_start_methods() and _os_threads() == 1:
+        return "fork"
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        return "forkserver"
+    return "spawn"
+
+
+def _preload_worker_module() -> None:
+    """Have the forkserver import our worker module once, not each child."""
+    server = multiprocessing.forkserver._forkserver
+    if getattr(server, "_forkserver_pid", None) is not None:
+        return
+    current = list(getattr(server, "_preload_modules", ["__main__"]))
+    if _process_worker.__name__ not in current:
+        server.set_forkserver_preload([*current, _process_worker.__name__])
+
+
+class ProcessWorker(BackendWorker):
+    def __init__(
+        self,
+        worker_id: int,
+        process: multiprocessing.process.BaseProcess,
+        sock: socket.socket,
+        on_reaped: Callable[[int], None],
+    ) -> None:
+        self.worker_id = worker_id
+        self._on_reaped = on_reaped
+        self.process = process
+        self.pid = process.pid
+        self.sock = sock
+        self._channel: AsyncChannel | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_exit: OnExit | None = None
+        self._sentinel_seen = False
+        self._channel_done = False
+        self._exited = False
+        self._grace: asyncio.TimerHandle | None = None
+
+    def attach(
+        self, loop: asyncio.AbstractEventLoop, on_message: OnMessage, on_exit: OnExit
+    ) -> None:
+        self._loop = loop
+        self._on_exit = on_exit
+        self._channel = AsyncChannel(
+            self.sock, on_message, self._on_channel_closed, loop=loop, raw=True
+        )
+        loop.add_reader(self.process.sentinel, self._on_sentinel)
+
+    def send(self, payload: bytes | bytearray | memoryview, fds: Sequence[int] = ()) -> None:
+        if self._channel is None or self._channel.closed:
+            return  # It is dying; on_exit will re-queue what it held.
+        # On a broken channel the sentinel tells the pool, as above.
+        with contextlib.suppress(OSError):
+            self._channel.send_bytes(payload, fds)
+
+    def stop(self) -> None:
+        if self._channel is not None:
+            self._channel.close(flush=True)
+
+    def kill(self) -> None:
+        if not self._exited:
+            with contextlib.suppress(OSError, ValueError):
+                self.process.kill()
+
+    def _on_channel_closed(self, exc: BaseException | None) -> None:
+        self._channel_done = True
+        if exc is not None:
+            # A corrupt stream: the worker cannot be trusted with more work.
+            self.kill()
+        if self._sentinel_seen:
+            self._finish()
+
+    def _on_sentinel(self) -> None:
+        assert self._loop is not None
+        self._loop.remove_reader(self.process.sentinel)
+        self._sentinel_seen = True
+        if self._channel_done:
+            self._finish()
+        else:
+            self._grace = self._loop.call_later(_EOF_GRACE, self._finish)
+
+    def _finish(self) -> None:
+        if self._exited:
+            return
+        self._exited = True
+        if self._grace is not None:
+            self._grace.cancel()
+        if self._channel is not None:
+            self._channel.close()
+        self.process.join()
+        exitcode = self.process.exitcode
+        self.process.close()
+        self._on_reaped(self.worker_id)
+        if self._on_exit is not None:
+            self._on_exit(WorkerExit(exitcode))
+
+    def terminate_now(self) -> None:
+        if self._exited:
+            return
+        self._exited = True
+        loop = self._loop
+        if loop is not None and not loop.is_closed() and not self._sentinel_seen:
+            with contextlib.suppress(ValueError, RuntimeError, OSError):
+                loop.remove_reader(self.process.sentinel)
+        with contextlib.suppress(OSError, ValueError):
+            self.process.kill()
+        self.process.join()
+        self.process.close()
+        self._on_reaped(self.worker_id)
+        if self._channel is not None and loop is not None and not loop.is_closed():
+            try:
+                self._channel.close()
+            except (RuntimeError, OSError, ValueError):
+                self.sock.close()
+        else:
+            self.sock.close()
+
+
+class ProcessBackend(Backend):
+    """Workers are processes. *nice* is added to each worker's niceness."""
+
+    name = "process"
+    capabilities = Capabilities(
+        cancel_running=True, enforce_timeout=True, shared_memory=True, crash_isolation=True
+    )
+
+    def __init__(
+        self,
+        *,
+        start_method: str | None = None,
+        mp_context: multiprocessing.context.BaseContext | None = None,
+        nice: int = 0,
+    ) -> None:
+        if mp_context is not None and start_method is None:
+            start_method = mp_context.get_start_method()
+        if start_method is not None and start_method not in _START_METHODS:
+            raise ValueError(
+                f"start_method must be one of {', '.join(_START_METHODS)}, got {start_method!r}"
+            )
+        self.forced_start_method = start_method
+        self.nice = nice
+        self.last_start_method: str | None = None
+        # The parent's ends of live workers' channels, closed in forked children.
+        self._parent_fds: dict[int, int] = {}
+
+    def start_is_slow(self) -> bool:
+        return choose_start_method(self.forced_start_method) != "fork"
+
+    def start_worker(self, worker_id: int, setup: bytes, setup_fds: Sequence[int]) -> ProcessWorker:
+        method = choose_start_method(self.forced_start_method)
+        self.last_start_method = method
+        if method == "forkserver":
+            _preload_worker_module()
+        ctx = multiprocessing.get_context(method)
+        parent_sock, child_sock = channel_pair()
+        close_in_child: list[int] = []
+        parent_pid: int | None = None
+        if method == "fork":
+            close_in_child = [*self._parent_fds.values(), parent_sock.fileno()]
+            parent_pid = os.getpid()
+        process = ctx.Process(  # type: ignore[attr-defined]
+            target=_process_worker.main,
+            args=(child_sock, self.nice, close_in_child, parent_pid),
+            name=f"allcores-pool-{worker_id}",
+            daemon=False,
+        )
+        try:
+            process.start()
+        finally:
+            child_sock.close()
+        # The SETUP frame goes first, before the loop owns the socket.
+        Channel(parent_sock, raw=True).send_bytes(setup, setup_fds)
+        parent_sock.setblocking(False)
+        self._parent_fds[worker_id] = parent_sock.fileno()
+        return ProcessWorker(worker_id, process, parent_sock, self._forget)
+
+    def _forget(self, worker_id: int) -> None:
+        self._parent_fds.pop(worker_id, None)

@@ -1,0 +1,1514 @@
+"""`Pool`: a crash-proof, asyncio-first `concurrent.futures.Executor`.
+
+How a task flows (one event loop owns all of the pool's state)::
+
+    caller (any thread)                   the pool's loop (bound or private thread)       worker
+    ───────────────────                   ─────────────────────────────────────────       ──────
+    submit / run / map
+      pickle fn (cached) + args ──┐
+      (large buffers -> memfd)    │  same thread: direct call
+      queue-full check (lock)     ├────────────────────────────► _enqueue ─► _queue (deque)
+                                  │  other thread: call_soon_threadsafe        │ _pump
+                                  ┘                                            ▼
+                                          idle worker, or prefetch (≤ PREFETCH ahead) ──► frame
+                                          timeout timer when the task starts running
+                                          _on_message ◄── result frame (loop reads socket) ◄─┘
+      future resolved ◄───────────────── (cf.Future from any thread, asyncio.Future here)
+                                          _on_worker_exit ◄── sentinel: crash/kill/stop
+                                             running task fails (WorkerCrashedError),
+                                             prefetched ones go back to the queue front,
+                                             a replacement starts
+
+Binding: the first use inside a running loop (``await pool.run``, ``async with``,
+``loop.run_in_executor``) binds the pool to that loop, which then reads the workers'
+channels itself. The first use from plain sync code starts a private loop in a
+daemon thread instead. `min_workers` are started in ``__init__``, before any such
+thread exists, so they fork. Nothing here blocks the bound loop: ``shutdown(wait=True)``
+called on it only starts the shutdown (``await pool.aclose()`` waits).
+
+What is process-specific (start method, kill, exit codes, nice) lives in
+`allcores.pool.backends.process`; this module only sees the `Backend` interface.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import collections
+import concurrent.futures
+import contextlib
+import dataclasses
+import itertools
+import multiprocessing.context
+import operator
+import os
+import reprlib
+import threading
+import time
+import weakref
+from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator
+from typing import Any, Literal, TypeVar
+
+from allcores._system import available_cpus
+from allcores.observe.scoreboard import RowState, Scoreboard
+from allcores.pool import _protocol as proto
+from allcores.pool._serialize import (
+    Packed,
+    dump_function,
+    pack,
+    read_head,
+    unpack,
+    wrap_large_bytes,
+)
+from allcores.pool.backends.base import Backend, BackendWorker, WorkerExit
+from allcores.pool.backends.process import ProcessBackend
+from allcores.pool.errors import (
+    InitializerError,
+    PoolClosedError,
+    QueueFullError,
+    RemoteTraceback,
+    TaskTimeoutError,
+    WorkerCrashedError,
+)
+from allcores.pool.stats import Histogram, PoolStats
+
+__all__ = ["MapIterator", "Pool", "PoolSettings", "usable_cpus"]
+
+R = TypeVar("R")
+
+# "auto" max_queue: room for a submit-everything-then-wait loop written for
+# ProcessPoolExecutor (whose queue is unbounded) of 100k tasks, while a runaway
+# producer still meets a clear QueueFullError before it holds gigabytes.
+AUTO_MAX_QUEUE = 100_000
+# Tasks sent to a busy worker ahead of time. More keeps workers busier between
+# round trips (the 64-in-flight rate needs ~2), but a task stuck behind a slow one
+# waits longer while another worker may be idle, and a crash re-queues more tasks.
+PREFETCH = 2
+# Prefetch only while tasks are short: a round trip (~50 µs) matters beside a 1 ms
+# task, not beside a longer one, where fairness matters more.
+PREFETCH_MAX_RUN_TIME = 0.001
+# Workers run at niceness +5 relative to the parent: CFS then weighs the parent 3x
+# a worker (1024 vs 335), so a request-serving loop wins a contended core, while on
+# an idle machine the workers still get every cycle.
+DEFAULT_NICE = 5
+# A worker above min_workers idle for this long exits; a minute absorbs bursty load
+# without paying a fork (or a ~60 ms forkserver start) on every burst.
+DEFAULT_IDLE_TIMEOUT = 60.0
+# Auto-chunking aims at chunks that run this long: per-chunk overhead (~50 µs round
+# trip, pickling) stays ~1 %, and the last chunks end within ~5 ms of each other.
+TARGET_CHUNK_SECONDS = 0.005
+# Auto chunks never exceed this many items, which bounds the memory an endless
+# input holds in flight (MAP_INFLIGHT_PER_WORKER x workers x this).
+MAX_CHUNKSIZE = 16_384
+# A chunk grows at most this much per measurement, so one noisy (fast) first chunk
+# cannot make the next one huge.
+CHUNK_GROWTH = 8
+# Map chunks in flight per worker: one running, two waiting, as with PREFETCH.
+MAP_INFLIGHT_PER_WORKER = 3
+# Workers that die before their first READY in a row before the pool gives up: a
+# missing module or a failing initializer would otherwise respawn forever.
+MAX_FAILED_STARTS = 3
+
+_QUEUED, _SENT, _DONE, _CANCELLED = range(4)
+_STARTING, _READY, _RETIRING, _KILLED = range(4)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask), not the machine's count."""
+    return available_cpus()
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolSettings:
+    """Every option of a pool, validated when built (`Pool` takes them as keywords)."""
+
+    max_workers: int
+    min_workers: int
+    idle_timeout: float | None
+    max_queue: int | None
+    max_tasks_per_child: int | None
+    initializer: Callable[..., object] | None
+    initargs: tuple[Any, ...]
+    task_timeout: float | None
+    nice: int
+    start_method: str | None
+
+    @classmethod
+    def build(
+        cls,
+        max_workers: int | None = None,
+        *,
+        min_workers: int | None = None,
+        idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+        max_queue: int | Literal["auto"] | None = "auto",
+        max_tasks_per_child: int | None = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: tuple[Any, ...] = (),
+        task_timeout: float | None = None,
+        nice: int | None = DEFAULT_NICE,
+        start_method: str | None = None,
+    ) -> PoolSettings:
+        if max_workers is None:
+            max_workers = usable_cpus()
+        if max_workers < 1:
+            raise ValueError(f"max_workers must be at least 1, got {max_workers}")
+        if min_workers is None:
+            # All workers start ahead: a pool exists to be used, and workers started
+            # later from a threaded parent cost a forkserver start (~60 ms) each.
+            min_workers = max_workers
+        if not 0 <= min_workers <= max_workers:
+            raise ValueError(f"min_workers must be in 0..max_workers, got {min_workers}")
+        if idle_timeout is not None and idle_timeout <= 0:
+            raise ValueError(f"idle_timeout must be positive or None, got {idle_timeout}")
+        if max_queue == "auto":
+            max_queue = AUTO_MAX_QUEUE
+        if max_queue is not None and (not isinstance(max_queue, int) or max_queue < 1):
+            raise ValueError(f"max_queue must be 'auto', a positive int or None, got {max_queue!r}")
+        if max_tasks_per_child is not None and max_tasks_per_child < 1:
+            raise ValueError(f"max_tasks_per_child must be >= 1, got {max_tasks_per_child}")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        if task_timeout is not None and task_timeout <= 0:
+            raise ValueError(f"task_timeout must be positive or None, got {task_timeout}")
+        return cls(
+            max_workers=max_workers,
+            min_workers=min_workers,
+            idle_timeout=idle_timeout,
+            max_queue=max_queue,
+            max_tasks_per_child=max_tasks_per_child,
+            initializer=initializer,
+            initargs=tuple(initargs),
+            task_timeout=task_timeout,
+            nice=nice or 0,
+            start_method=start_method,
+        )
+
+
+class _Task:
+    __slots__ = (
+        "args",
+        "bridged",
+        "chunk_len",
+        "fn",
+        "future",
+        "id",
+        "packed",
+        "running_set",
+        "started",
+        "state",
+        "submitted",
+        "timeout",
+        "timer",
+        "worker",
+    )
+
+    def __init__(
+        self,
+        task_id: int,
+        fn: Callable[..., Any],
+        args: Any,
+        packed: Packed,
+        timeout: float | None,
+        chunk_len: int,
+    ) -> None:
+        self.id = task_id
+        self.fn = fn
+        self.args = args
+        self.packed = packed
+        self.timeout = timeout
+        self.chunk_len = chunk_len
+        self.future: concurrent.futures.Future[Any] | asyncio.Future[Any] | None = None
+        self.bridged = False
+        self.running_set = False
+        self.state = _QUEUED
+        self.submitted = time.monotonic()
+        self.started = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self.worker: _Worker | None = None
+
+    def describe(self) -> str:
+        name = getattr(self.fn, "__qualname__", None) or repr(self.fn)
+        if self.chunk_len >= 0:
+            return f"task {self.id} (map chunk of {self.chunk_len} items of {name})"
+        args, kwargs = self.args
+        parts = [reprlib.repr(a) for a in args] + [
+            f"{k}={reprlib.repr(v)}" for k, v in kwargs.items()
+        ]
+        text = ", ".join(parts)
+        if len(text) > 120:
+            text = text[:117] + "..."
+        return f"task {self.id} ({name}({text}))"
+
+
+class _Worker:
+    __slots__ = ("handle", "id", "idle_since", "inflight", "row", "sent", "started_at", "state")
+
+    def __init__(self, worker_id: int, row: int) -> None:
+        self.id = worker_id
+        self.row = row
+        self.handle: BackendWorker | None = None
+        self.state = _STARTING
+        self.inflight: dict[int, _Task] = {}
+        self.sent = 0
+        self.started_at = time.monotonic()
+        self.idle_since = 0.0
+
+
+def _new_event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+
+        loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+        return loop
+    except ImportError:
+        return asyncio.new_event_loop()
+
+
+_LIVE_POOLS: weakref.WeakSet[Pool] = weakref.WeakSet()
+
+
+def _shutdown_pools_at_exit() -> None:
+    for pool in list(_LIVE_POOLS):
+        pool._at_exit()
+
+
+# Registered after multiprocessing's own handler, so it runs first (atexit is LIFO)
+# and multiprocessing never waits on a worker of ours.
+atexit.register(_shutdown_pools_at_exit)
+
+
+class Pool(concurrent.futures.Executor):
+    """A pool of worker processes; a drop-in `ProcessPoolExecutor`, asyncio first.
+
+    The first four parameters are ProcessPoolExecutor's. Beyond them: *min_workers*
+    (started ahead; default all), *idle_timeout* (seconds before a worker above
+    min_workers exits), *max_queue* (``"auto"``, an int, or None for unbounded),
+    *task_timeout* (default per-task limit), *nice* (added to workers' niceness;
+    0 keeps the parent's), *start_method* (force fork/forkserver/spawn),
+    *scoreboard* and *scoreboard_rows* (write worker rows into a given scoreboard).
+    """
+
+    def __init__(
+        self,
+        max_workers: int | None = None,
+        mp_context: multiprocessing.context.BaseContext | None = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: tuple[Any, ...] = (),
+        *,
+        max_tasks_per_child: int | None = None,
+        min_workers: int | None = None,
+        idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+        max_queue: int | Literal["auto"] | None = "auto",
+        task_timeout: float | None = None,
+        nice: int | None = DEFAULT_NICE,
+        start_method: str | None = None,
+        scoreboard: Scoreboard | None = None,
+        scoreboard_rows: Iterable[int] | None = None,
+    ) -> None:
+        if mp_context is not None and start_method is None:
+            start_method = mp_context.get_start_method()
+        self._settings = settings = PoolSettings.build(
+            max_workers,
+            min_workers=min_workers,
+            idle_timeout=idle_timeout,
+            max_queue=max_queue,
+            max_tasks_per_child=max_tasks_per_child,
+            initializer=initializer,
+            initargs=initargs,
+            task_timeout=task_timeout,
+            nice=nice,
+            start_method=start_method,
+        )
+        self._backend: Backend = ProcessBackend(
+            start_method=settings.start_method, nice=settings.nice
+        )
+        self._initializer_blob: bytes | None = None
+        if settings.initializer is not None:
+            import cloudpickle
+
+            self._initializer_blob = cloudpickle.dumps(
+                (settings.initializer, settings.initargs), protocol=5
+            )
+        if scoreboard is None:
+            self._scoreboard = Scoreboard.create(settings.max_workers)
+            self._owns_scoreboard = True
+            rows = list(range(settings.max_workers))
+        else:
+            self._scoreboard = scoreboard
+            self._owns_scoreboard = False
+            rows = (
+                list(scoreboard_rows)
+                if scoreboard_rows is not None
+                else list(range(min(settings.max_workers, scoreboard.rows)))
+            )
+            if len(rows) < settings.max_workers:
+                raise ValueError(
+                    f"the scoreboard gives {len(rows)} rows for {settings.max_workers} workers"
+                )
+        self._free_rows = rows[::-1]
+
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread_id: int | None = None
+        self._private_thread: threading.Thread | None = None
+        self._bind_lock = threading.Lock()
+        self._count_lock = threading.Lock()
+        self._task_ids = itertools.count(1)
+        self._worker_ids = itertools.count(1)
+
+        self._queue: collections.deque[_Task] = collections.deque()
+        self._queued = 0  # live tasks in _queue, counted under _count_lock
+        self._workers: dict[int, _Worker] = {}
+        self._idle: list[_Worker] = []
+        self._room_waiters: list[concurrent.futures.Future[None]] = []
+        self._drain_waiters: list[concurrent.futures.Future[None]] = []
+        self._ready_waiters: list[concurrent.futures.Future[None]] = []
+        self._closed_waiters: list[concurrent.futures.Future[None]] = []
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._closing = False
+        self._closed = threading.Event()
+        self._broken: BaseException | None = None
+        self._ever_ready = False
+        self._failed_starts = 0
+
+        self._run_ema = 0.0
+        self._run_time = Histogram()
+        self._wait_time = Histogram()
+        self._busy_seconds = 0.0
+        self._dead_worker_seconds = 0.0
+        self._counts = collections.Counter[str]()
+        self._created = time.monotonic()
+
+        _LIVE_POOLS.add(self)
+        for _ in range(settings.min_workers):
+            self._spawn()
+
+    # ── binding ────────────────────────────────────────────────────────────────
+
+    def _ensure_loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            return loop
+        with self._bind_lock:
+            loop = self._loop
+            if loop is None:
+                try:
+                    running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+                except RuntimeError:
+                    running = None
+                if running is not None:
+                    self._loop = running
+                    self._loop_thread_id = threading.get_ident()
+                    self._attach_all()
+                    return running
+                return self._start_private_loop()
+        if loop.is_closed():
+            self._terminate(
+                PoolClosedError(
+                    "the event loop this pool was bound to is closed; create the pool in the "
+                    "loop that uses it (async with Pool() ...), or shut it down before the "
+                    "loop ends"
+                )
+            )
+            raise self._broken or PoolClosedError("pool is closed")
+        return loop
+
+    def _start_private_loop(self) -> asyncio.AbstractEventLoop:
+        started = threading.Event()
+
+        def run() -> None:
+            loop = _new_event_loop()
+            asyncio.set_event_loop(loop)
+            self._loop = loop
+            self._loop_thread_id = threading.get_ident()
+            self._attach_all()
+            started.set()
+            try:
+                loop.run_forever()
+            finally:
+                loop.close()
+
+        thread = threading.Thread(target=run, name="allcores-pool-loop", daemon=True)
+        self._private_thread = thread
+        thread.start()
+        started.wait()
+        assert self._loop is not None
+        return self._loop
+
+    def _attach_all(self) -> None:
+        for worker in list(self._workers.values()):
+            if worker.handle is not None:
+                self._attach(worker)
+
+    def _attach(self, worker: _Worker) -> None:
+        assert worker.handle is not None and self._loop is not None
+        worker.handle.attach(
+            self._loop,
+            lambda payload, fds: self._on_message(worker, payload, fds),
+            lambda exit_: self._on_worker_exit(worker, exit_),
+        )
+
+    def _on_loop_thread(self) -> bool:
+        return self._loop_thread_id == threading.get_ident()
+
+    def _call(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run fn(*args) in the pool's loop: now if we are on it, else soon."""
+        loop = self._ensure_loop()
+        if self._on_loop_thread():
+            fn(*args)
+        else:
+            try:
+                loop.call_soon_threadsafe(fn, *args)
+            except RuntimeError as exc:
+                raise PoolClosedError("the pool's event loop is closed") from exc
+
+    # ── workers ────────────────────────────────────────────────────────────────
+
+    def _spawn(self) -> None:
+        if not self._free_rows:
+            return
+        row = self._free_rows.pop()
+        worker = _Worker(next(self._worker_ids), row)
+        self._workers[worker.id] = worker
+        self._scoreboard.row(row).clear(0, RowState.STARTING)
+        setup = pack(
+            proto.SETUP,
+            0,
+            {
+                "worker_id": worker.id,
+                "initializer": self._initializer_blob,
+                "scoreboard": self._scoreboard.segment,
+                "scoreboard_rows": self._scoreboard.rows,
+                "row": row,
+            },
+        )
+        loop = self._loop
+        if loop is not None and self._backend.start_is_slow():
+            started = loop.run_in_executor(
+                None, self._backend.start_worker, worker.id, setup.payload, setup.fds
+            )
+            started.add_done_callback(lambda f: self._on_started(worker, setup, f))
+            return
+        try:
+            worker.handle = self._backend.start_worker(worker.id, setup.payload, setup.fds)
+        except BaseException:
+            self._forget_worker(worker)
+            raise
+        finally:
+            setup.close()
+        if loop is not None:
+            self._attach(worker)
+
+    def _on_started(self, worker: _Worker, setup: Packed, started: asyncio.Future[Any]) -> None:
+        setup.close()
+        exc = started.exception()
+        if exc is not None:
+            self._forget_worker(worker)
+            self._worker_failed_to_start(exc)
+            return
+        worker.handle = started.result()
+        self._attach(worker)
+        if self._closing or worker.state == _KILLED:
+            worker.handle.stop()
+
+    def _forget_worker(self, worker: _Worker) -> None:
+        if self._workers.pop(worker.id, None) is not None:
+            self._scoreboard.row(worker.row).clear()
+            self._free_rows.append(worker.row)
+            self._dead_worker_seconds += time.monotonic() - worker.started_at
+        if worker in self._idle:
+            self._idle.remove(worker)
+
+    def _live_workers(self) -> int:
+        return sum(1 for w in self._workers.values() if w.state != _KILLED)
+
+    def _grow(self) -> None:
+        """Start workers while tasks wait and there is room (called on the loop)."""
+        if self._closing or self._broken is not None:
+            return
+        while self._live_workers() < self._settings.min_workers and self._free_rows:
+            self._spawn()
+        starting = sum(1 for w in self._workers.values() if w.state == _STARTING)
+        while (
+            self._queued > starting
+            and self._live_workers() < self._settings.max_workers
+            and self._free_rows
+        ):
+            self._spawn()
+            starting += 1
+
+    def _retire(self, worker: _Worker) -> None:
+        if worker in self._idle:
+            self._idle.remove(worker)
+        worker.state = _RETIRING
+        if worker.handle is not None:
+            worker.handle.stop()
+
+    def _kill(self, worker: _Worker) -> None:
+        """Kill a worker; what it held but had not started goes back to the queue."""
+        if worker in self._idle:
+            self._idle.remove(worker)
+        worker.state = _KILLED
+        self._requeue(list(worker.inflight.values()))
+        worker.inflight.clear()
+        if worker.handle is not None:
+            worker.handle.kill()
+
+    def _requeue(self, tasks: list[_Task]) -> None:
+        for task in reversed(tasks):
+            if task.timer is not None:
+                task.timer.cancel()
+                task.timer = None
+            task.state = _QUEUED
+            task.worker = None
+            self._queue.appendleft(task)
+        if tasks:
+            with self._count_lock:
+                self._queued += len(tasks)
+
+    def _on_worker_exit(self, worker: _Worker, exit_: WorkerExit) -> None:
+        was = worker.state
+        self._forget_worker(worker)
+        inflight = list(worker.inflight.values())
+        worker.inflight.clear()
+        worker.state = _KILLED
+        if inflight:
+            head, rest = inflight[0], inflight[1:]
+            self._counts["crashed"] += 1
+            pid = worker.handle.pid if worker.handle is not None else None
+            self._settle_error(
+                head, WorkerCrashedError(worker.id, pid, exit_.exitcode, head.describe())
+            )
+            self._requeue(rest)
+        elif was == _STARTING and not self._closing and self._broken is None:
+            self._worker_failed_to_start(
+                RuntimeError(
+                    f"pool worker {worker.id} exited with code {exit_.exitcode} during start"
+                )
+            )
+        if self._closing:
+            self._maybe_finish_shutdown()
+            return
+        self._grow()
+        self._pump()
+
+    def _worker_failed_to_start(self, exc: BaseException) -> None:
+        self._failed_starts += 1
+        if not self._ever_ready or self._failed_starts >= MAX_FAILED_STARTS:
+            error = InitializerError(f"pool workers cannot start ({exc}); no more will be started")
+            error.__cause__ = exc
+            self._break(error)
+
+    def _break(self, error: BaseException) -> None:
+        """The pool cannot work (an initializer fails): fail everything, stop workers."""
+        if self._broken is not None:
+            return
+        self._broken = error
+        for task in self._queue:
+            if task.state == _QUEUED:
+                self._settle_error(task, error)
+        self._queue.clear()
+        with self._count_lock:
+            self._queued = 0
+        for worker in list(self._workers.values()):
+            for task in worker.inflight.values():
+                self._settle_error(task, error)
+            worker.inflight.clear()
+            self._kill(worker)
+        self._wake(self._ready_waiters, error)
+        self._wake(self._room_waiters, error)
+        self._wake(self._drain_waiters, None)
+        self._closing = True
+        self._maybe_finish_shutdown()
+
+    # ── messages from workers ──────────────────────────────────────────────────
+
+    def _on_message(self, worker: _Worker, payload: bytes | bytearray, fds: list[int]) -> None:
+        kind, _nbuf, _nuser, task_id, seconds = read_head(payload)
+        if kind == proto.RESULT or kind == proto.ERROR or kind == proto.CHUNK_RESULT:
+            task = worker.inflight.pop(task_id, None)
+            if task is None:
+                # A result for a task cancelled or timed out meanwhile: drop it.
+                for fd in fds:
+                    os.close(fd)
+                return
+            self._on_result(worker, task, kind, seconds, payload, fds)
+        elif kind == proto.READY:
+            unpack(payload, fds)
+            self._on_ready(worker)
+        elif kind == proto.INIT_FAILED:
+            exc, tb = unpack(payload, fds)
+            exc.__cause__ = RemoteTraceback(tb)
+            error = InitializerError(
+                f"the pool's initializer {self._settings.initializer!r} raised "
+                f"{type(exc).__name__}: {exc}; the pool will not start"
+            )
+            error.__cause__ = exc
+            self._break(error)
+        else:
+            for fd in fds:
+                os.close(fd)
+
+    def _on_ready(self, worker: _Worker) -> None:
+        if worker.state != _STARTING:
+            return
+        self._ever_ready = True
+        self._failed_starts = 0
+        worker.state = _READY
+        if self._closing:
+            self._retire(worker)
+            self._maybe_finish_shutdown()
+            return
+        worker.idle_since = time.monotonic()
+        self._idle.append(worker)
+        if self._ready_waiters and not any(w.state == _STARTING for w in self._workers.values()):
+            self._wake(self._ready_waiters, None)
+        self._pump()
+        self._schedule_idle_check()
+
+    def _on_result(
+        self,
+        worker: _Worker,
+        task: _Task,
+        kind: int,
+        seconds: float,
+        payload: bytes | bytearray,
+        fds: list[int],
+    ) -> None:
+        if task.timer is not None:
+            task.timer.cancel()
+            task.timer = None
+        self._run_time.add(seconds)
+        self._busy_seconds += seconds
+        self._run_ema += (seconds - self._run_ema) * 0.1
+        try:
+            value = unpack(payload, fds)
+        except BaseException as unpickling_error:
+            unpickling_error.add_note(f"(while the pool unpickled the result of {task.describe()})")
+            self._settle_error(task, unpickling_error)
+        else:
+            if kind == proto.RESULT:
+                self._counts["completed"] += 1
+                self._settle(task, value)
+            elif kind == proto.ERROR:
+                remote, tb = value
+                remote.__cause__ = RemoteTraceback(tb)
+                self._counts["failed"] += 1
+                self._settle_error(task, remote)
+            else:
+                results, error = value
+                if error is not None:
+                    error[0].__cause__ = RemoteTraceback(error[1])
+                    error = error[0]
+                    self._counts["failed"] += 1
+                else:
+                    self._counts["completed"] += 1
+                self._settle(task, (results, error, seconds))
+        if worker.inflight:
+            self._start_running(next(iter(worker.inflight.values())))
+        elif worker.state == _READY:
+            limit = self._settings.max_tasks_per_child
+            if limit is not None and worker.sent >= limit:
+                self._retire(worker)
+                self._grow()
+            else:
+                worker.idle_since = time.monotonic()
+                self._idle.append(worker)
+                self._schedule_idle_check()
+        if self._queue:
+            self._pump()
+        if self._closing:
+            self._maybe_finish_shutdown()
+
+    # ── futures ────────────────────────────────────────────────────────────────
+
+    def _settle(self, task: _Task, value: Any) -> None:
+        task.state = _DONE
+        task.packed.close()
+        future = task.future
+        if future is None or future.done():
+            return
+        with contextlib.suppress(concurrent.futures.InvalidStateError, asyncio.InvalidStateError):
+            future.set_result(value)
+
+    def _settle_error(self, task: _Task, exc: BaseException) -> None:
+        if task.timer is not None:
+            task.timer.cancel()
+            task.timer = None
+        task.state = _DONE
+        task.packed.close()
+        future = task.future
+        if future is None or future.done():
+            return
+        with contextlib.suppress(concurrent.futures.InvalidStateError, asyncio.InvalidStateError):
+            future.set_exception(exc)
+
+    @staticmethod
+    def _wake(waiters: list[concurrent.futures.Future[None]], exc: BaseException | None) -> None:
+        for waiter in waiters:
+            if not waiter.done():
+                if exc is None:
+                    waiter.set_result(None)
+                else:
+                    waiter.set_exception(exc)
+        waiters.clear()
+
+    # ── queue and dispatch ─────────────────────────────────────────────────────
+
+    def _new_task(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float | None,
+        *,
+        chunk: list[tuple[Any, ...]] | None = None,
+    ) -> _Task:
+        """Pickle a task in the caller's thread; raises on a closed pool or a full queue."""
+        if self._broken is not None:
+            raise self._broken
+        if self._closing:
+            raise PoolClosedError("cannot schedule new tasks after shutdown")
+        if timeout is None:
+            timeout = self._settings.task_timeout
+        task_id = next(self._task_ids)
+        blob = dump_function(fn)
+        if chunk is None:
+            packed = pack(proto.TASK, task_id, (blob, wrap_large_bytes(args), kwargs))
+            task = _Task(task_id, fn, (args, kwargs), packed, timeout, -1)
+        else:
+            packed = pack(proto.CHUNK, task_id, (blob, chunk))
+            task = _Task(task_id, fn, None, packed, timeout, len(chunk))
+        try:
+            # A map bounds its own chunks in flight, so they never meet max_queue.
+            self._reserve(enforce=chunk is None)
+        except BaseException:
+            packed.close()
+            raise
+        return task
+
+    def _reserve(self, enforce: bool = True) -> None:
+        limit = self._settings.max_queue
+        with self._count_lock:
+            if enforce and limit is not None and self._queued >= limit:
+                raise QueueFullError(
+                    f"the pool's queue holds {self._queued} tasks (max_queue={limit}); "
+                    "await pool.wait_for_room() before submitting, or raise max_queue"
+                )
+            self._queued += 1
+        self._counts["submitted"] += 1
+
+    def _unreserve(self) -> None:
+        with self._count_lock:
+            self._queued -= 1
+
+    def _enqueue(self, task: _Task) -> None:
+        """Loop side of a submit (the task's queue slot is already reserved)."""
+        if self._broken is not None or (self._closing and not self._workers):
+            self._unreserve()
+            self._settle_error(task, self._broken or PoolClosedError("the pool is shut down"))
+            return
+        self._queue.append(task)
+        self._pump()
+
+    def _pump(self) -> None:
+        queue = self._queue
+        idle = self._idle
+        dispatched = False
+        while queue:
+            task = queue[0]
+            if task.state != _QUEUED:
+                queue.popleft()
+                continue
+            if isinstance(task.future, concurrent.futures.Future) and not task.running_set:
+                if task.bridged:
+                    cancelled = task.future.cancelled()
+                else:
+                    cancelled = not task.future.set_running_or_notify_cancel()
+                task.running_set = True
+                if cancelled:
+                    queue.popleft()
+                    self._unreserve()
+                    task.state = _CANCELLED
+                    task.packed.close()
+                    self._counts["cancelled"] += 1
+                    dispatched = True
+                    continue
+            if idle:
+                worker = idle.pop()
+            else:
+                found = self._prefetch_target()
+                if found is None:
+                    break
+                worker = found
+            queue.popleft()
+            self._dispatch(worker, task)
+            dispatched = True
+        if dispatched:
+            self._queue_shrank()
+        if queue and not idle:
+            self._grow()
+
+    def _prefetch_target(self) -> _Worker | None:
+        if self._run_ema > PREFETCH_MAX_RUN_TIME:
+            return None
+        limit = self._settings.max_tasks_per_child
+        best: _Worker | None = None
+        for worker in self._workers.values():
+            if worker.state != _READY or len(worker.inflight) > PREFETCH:
+                continue
+            if limit is not None and worker.sent >= limit:
+                continue
+            if best is None or len(worker.inflight) < len(best.inflight):
+                best = worker
+        return best
+
+    def _dispatch(self, worker: _Worker, task: _Task) -> None:
+        with self._count_lock:
+            self._queued -= 1
+        task.state = _SENT
+        task.worker = worker
+        worker.inflight[task.id] = task
+        worker.sent += 1
+        assert worker.handle is not None
+        worker.handle.send(task.packed.payload, task.packed.fds)
+        if len(worker.inflight) == 1:
+            self._start_running(task)
+
+    def _start_running(self, task: _Task) -> None:
+        task.started = now = time.monotonic()
+        self._wait_time.add(now - task.submitted)
+        if task.timeout is not None:
+            assert self._loop is not None
+            task.timer = self._loop.call_later(task.timeout, self._on_timeout, task)
+
+    def _queue_shrank(self) -> None:
+        limit = self._settings.max_queue
+        if self._room_waiters and (limit is None or self._queued < limit):
+            self._wake(self._room_waiters, None)
+        if self._drain_waiters and self._queued == 0:
+            self._wake(self._drain_waiters, None)
+
+    def _on_timeout(self, task: _Task) -> None:
+        task.timer = None
+        worker = task.worker
+        if task.state != _SENT or worker is None:
+            return
+        self._counts["timed_out"] += 1
+        worker.inflight.pop(task.id, None)
+        assert task.timeout is not None
+        self._settle_error(task, TaskTimeoutError(task.timeout, task.describe(), worker.id))
+        self._kill(worker)
+        self._pump()
+
+    def _cancel_task(self, task: _Task) -> None:
+        """The caller gave up on a task (loop side): drop it, or kill its worker if running."""
+        if task.state == _QUEUED:
+            task.state = _CANCELLED
+            self._unreserve()
+            self._counts["cancelled"] += 1
+            task.packed.close()
+            self._queue_shrank()
+            return
+        worker = task.worker
+        if task.state != _SENT or worker is None:
+            return
+        self._counts["cancelled"] += 1
+        running = next(iter(worker.inflight)) == task.id
+        worker.inflight.pop(task.id, None)
+        task.state = _CANCELLED
+        if task.timer is not None:
+            task.timer.cancel()
+            task.timer = None
+        if running and self._backend.capabilities.cancel_running:
+            task.packed.close()
+            self._kill(worker)
+            self._pump()
+        elif not running and worker.handle is not None:
+            skip = pack(proto.SKIP, task.id, None)
+            worker.handle.send(skip.payload, skip.fds)
+            task.packed.close()
+
+    # ── idle shrinking ─────────────────────────────────────────────────────────
+
+    def _schedule_idle_check(self) -> None:
+        timeout = self._settings.idle_timeout
+        if (
+            timeout is None
+            or self._idle_timer is not None
+            or self._live_workers() <= self._settings.min_workers
+        ):
+            return
+        assert self._loop is not None
+        self._idle_timer = self._loop.call_later(timeout, self._shrink_idle)
+
+    def _shrink_idle(self) -> None:
+        self._idle_timer = None
+        timeout = self._settings.idle_timeout
+        assert timeout is not None
+        now = time.monotonic()
+        for worker in sorted(self._idle, key=lambda w: w.idle_since):
+            if self._live_workers() <= self._settings.min_workers:
+                break
+            if now - worker.idle_since >= timeout:
+                self._retire(worker)
+        self._schedule_idle_check()
+
+    # ── shutdown ───────────────────────────────────────────────────────────────
+
+    def _begin_shutdown(self, cancel_futures: bool) -> None:
+        self._closing = True
+        if cancel_futures:
+            for task in self._queue:
+                if task.state == _QUEUED:
+                    task.state = _CANCELLED
+                    task.packed.close()
+                    if task.future is not None:
+                        task.future.cancel()
+            self._queue.clear()
+            with self._count_lock:
+                self._queued = 0
+            self._queue_shrank()
+        self._maybe_finish_shutdown()
+
+    def _maybe_finish_shutdown(self) -> None:
+        if any(task.state == _QUEUED for task in self._queue):
+            return
+        for worker in list(self._workers.values()):
+            if worker.state == _READY and not worker.inflight:
+                self._retire(worker)
+            elif worker.state == _STARTING and worker.handle is not None:
+                worker.handle.stop()
+        if self._workers:
+            return
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        self._wake(self._ready_waiters, self._broken or PoolClosedError("the pool is shut down"))
+        self._wake(self._room_waiters, self._broken or PoolClosedError("the pool is shut down"))
+        self._wake(self._drain_waiters, None)
+        self._release()
+        if self._private_thread is not None and self._loop is not None:
+            self._loop.stop()
+
+    def _release(self) -> None:
+        if self._closed.is_set():
+            return
+        self._backend.close()
+        if self._owns_scoreboard:
+            self._scoreboard.close()
+        _LIVE_POOLS.discard(self)
+        self._closed.set()
+        self._wake(self._closed_waiters, None)
+
+    def _terminate(self, error: BaseException | None = None) -> None:
+        """Kill every worker without the loop (exit, a closed loop); fail what is left."""
+        self._closing = True
+        if error is not None and self._broken is None:
+            self._broken = error
+        error = error or PoolClosedError("the pool was terminated")
+        for worker in list(self._workers.values()):
+            if worker.handle is not None:
+                worker.handle.terminate_now()
+            for task in worker.inflight.values():
+                self._settle_error(task, error)
+            worker.inflight.clear()
+            self._forget_worker(worker)
+        for task in self._queue:
+            if task.state == _QUEUED:
+                self._settle_error(task, error)
+        self._queue.clear()
+        self._release()
+
+    def _at_exit(self) -> None:
+        loop = self._loop
+        if (
+            self._private_thread is not None
+            and self._private_thread.is_alive()
+            and loop is not None
+            and not self._closed.is_set()
+        ):
+            # Like ProcessPoolExecutor: queued work completes before the program ends.
+            self.shutdown(wait=True)
+            return
+        if loop is not None and loop.is_running() and not self._on_loop_thread():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._terminate, None)
+            self._closed.wait(5)
+        if not self._closed.is_set():
+            self._terminate()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop taking tasks; finish (or, with *cancel_futures*, drop) the queued ones.
+
+        With *wait*, return once every worker has exited. Called on the pool's own
+        event loop thread it cannot wait (the loop must run to finish the work): it
+        starts the shutdown and returns; ``await pool.aclose()`` waits.
+        """
+        loop = self._loop
+        if self._closed.is_set():
+            return
+        if loop is None:
+            # Never used: the workers hold no task.
+            self._terminate()
+            return
+        if loop.is_closed():
+            self._terminate()
+            return
+        if self._on_loop_thread():
+            self._begin_shutdown(cancel_futures)
+            return
+        try:
+            loop.call_soon_threadsafe(self._begin_shutdown, cancel_futures)
+        except RuntimeError:
+            self._terminate()
+            return
+        if wait:
+            self._closed.wait()
+            if self._private_thread is not None:
+                self._private_thread.join()
+
+    async def aclose(self, *, cancel_futures: bool = False) -> None:
+        """Shut down and wait for every worker to exit, without blocking the loop."""
+        if self._closed.is_set():
+            return
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            self._terminate()
+            return
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def start() -> None:
+            self._closed_waiters.append(done)
+            self._begin_shutdown(cancel_futures)
+
+        self._call(start)
+        await asyncio.wrap_future(done)
+        if self._private_thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._private_thread.join)
+
+    # ── public API: Executor ───────────────────────────────────────────────────
+
+    def submit(
+        self, fn: Callable[..., R], /, *args: Any, **kwargs: Any
+    ) -> concurrent.futures.Future[R]:
+        """Schedule fn(*args, **kwargs); a `concurrent.futures.Future` of its result.
+
+        Unpicklable arguments raise here, in the caller, without reaching a worker.
+        A full queue raises `QueueFullError`.
+        """
+        return self.schedule(fn, args, kwargs)
+
+    def schedule(
+        self,
+        fn: Callable[..., R],
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> concurrent.futures.Future[R]:
+        """`submit` with a per-task *timeout* (seconds of running, not of waiting)."""
+        task = self._new_task(fn, args, kwargs or {}, timeout)
+        future: concurrent.futures.Future[R] = concurrent.futures.Future()
+        task.future = future
+        try:
+            self._call(self._enqueue, task)
+        except BaseException:
+            self._unreserve()
+            task.packed.close()
+            raise
+        return future
+
+    def map(  # type: ignore[override]
+        self,
+        fn: Callable[..., R],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int | None = None,
+    ) -> MapIterator[R]:
+        """Results of fn over the inputs, in order; inputs are read lazily.
+
+        With no *chunksize* the pool sizes chunks itself from measured run times.
+        The result is both an iterator and an async iterator (``async for``), and
+        can be awaited for a list.
+        """
+        return MapIterator(self, fn, iterables, chunksize=chunksize, ordered=True, timeout=timeout)
+
+    def imap(
+        self, fn: Callable[..., R], *iterables: Iterable[Any], chunksize: int | None = None
+    ) -> MapIterator[R]:
+        """Like `map` (ordered, lazy, auto-chunked), without an overall timeout."""
+        return MapIterator(self, fn, iterables, chunksize=chunksize, ordered=True, timeout=None)
+
+    def imap_unordered(
+        self, fn: Callable[..., R], *iterables: Iterable[Any], chunksize: int | None = None
+    ) -> MapIterator[R]:
+        """Like `imap`, yielding results as chunks complete."""
+        return MapIterator(self, fn, iterables, chunksize=chunksize, ordered=False, timeout=None)
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown(wait=True)
+
+    # ── public API: asyncio ────────────────────────────────────────────────────
+
+    async def run(
+        self, fn: Callable[..., R], /, *args: Any, timeout: float | None = None, **kwargs: Any
+    ) -> R:
+        """Run fn(*args, **kwargs) in a worker and return its result.
+
+        *timeout* limits the run time (not the wait in the queue): past it the task
+        fails with `TaskTimeoutError` and its worker is replaced. Cancelling the
+        awaiting task cancels the pool task: a queued one is dropped, a running one
+        has its worker killed and replaced.
+        """
+        running = asyncio.get_running_loop()
+        loop = self._ensure_loop()
+        task = self._new_task(fn, args, kwargs, timeout)
+        if loop is running:
+            future: asyncio.Future[R] = running.create_future()
+            task.future = future
+            self._enqueue(task)
+            try:
+                return await future
+            except asyncio.CancelledError:
+                if future.cancelled():
+                    self._cancel_task(task)
+                raise
+        bridge: concurrent.futures.Future[R] = concurrent.futures.Future()
+        task.future = bridge
+        task.bridged = True
+        self._call(self._enqueue, task)
+        try:
+            return await asyncio.wrap_future(bridge)
+        except asyncio.CancelledError:
+            self._call(self._cancel_task, task)
+            raise
+
+    def submit_async(
+        self, fn: Callable[..., R], /, *args: Any, timeout: float | None = None, **kwargs: Any
+    ) -> asyncio.Future[R]:
+        """Like `run`, as an `asyncio.Future`: ``future.cancel()`` cancels the task
+        (a running one's worker is killed and replaced). Call it in a running loop."""
+        running = asyncio.get_running_loop()
+        loop = self._ensure_loop()
+        task = self._new_task(fn, args, kwargs, timeout)
+        if loop is running:
+            future: asyncio.Future[R] = running.create_future()
+            task.future = future
+            future.add_done_callback(lambda f: self._cancel_task(task) if f.cancelled() else None)
+            self._enqueue(task)
+            return future
+        bridge: concurrent.futures.Future[R] = concurrent.futures.Future()
+        task.future = bridge
+        task.bridged = True
+        self._call(self._enqueue, task)
+        wrapped = asyncio.wrap_future(bridge)
+        wrapped.add_done_callback(
+            lambda f: self._call(self._cancel_task, task) if f.cancelled() else None
+        )
+        return wrapped
+
+    async def start(self) -> None:
+        """Wait until the workers started ahead are ready; raises `InitializerError`."""
+        self._ensure_loop()
+        waiter: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def check() -> None:
+            if self._broken is not None:
+                waiter.set_exception(self._broken)
+            elif not any(w.state == _STARTING for w in self._workers.values()):
+                waiter.set_result(None)
+            else:
+                self._ready_waiters.append(waiter)
+
+        self._call(check)
+        await asyncio.wrap_future(waiter)
+
+    async def __aenter__(self) -> Pool:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def wait_for_room(self) -> None:
+        """Wait until the queue has room for one more task (back-pressure)."""
+        waiter: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def check() -> None:
+            limit = self._settings.max_queue
+            if self._broken is not None:
+                waiter.set_exception(self._broken)
+            elif limit is None or self._queued < limit:
+                waiter.set_result(None)
+            else:
+                self._room_waiters.append(waiter)
+
+        self._call(check)
+        await asyncio.wrap_future(waiter)
+
+    async def drain(self) -> None:
+        """Wait until the queue is empty (every task handed to a worker)."""
+        await asyncio.wrap_future(self._drain_waiter())
+
+    def wait_drained(self, timeout: float | None = None) -> bool:
+        """Block until the queue is empty; False if *timeout* passed first."""
+        if self._on_loop_thread():
+            raise RuntimeError(
+                "wait_drained() would block the pool's own loop; use await pool.drain()"
+            )
+        try:
+            self._drain_waiter().result(timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def _drain_waiter(self) -> concurrent.futures.Future[None]:
+        waiter: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def check() -> None:
+            if self._queued == 0 or self._broken is not None:
+                waiter.set_result(None)
+            else:
+                self._drain_waiters.append(waiter)
+
+        self._call(check)
+        return waiter
+
+    # ── insight ────────────────────────────────────────────────────────────────
+
+    @property
+    def settings(self) -> PoolSettings:
+        return self._settings
+
+    @property
+    def scoreboard(self) -> Scoreboard:
+        return self._scoreboard
+
+    @property
+    def closed(self) -> bool:
+        return self._closing or self._closed.is_set()
+
+    def worker_pids(self) -> list[int]:
+        """PIDs of the live workers (for tests and tooling)."""
+        return [
+            w.handle.pid
+            for w in list(self._workers.values())
+            if w.handle is not None and w.handle.pid is not None
+        ]
+
+    def stats(self) -> PoolStats:
+        """Workers, queue, utilisation, counts, and run/wait-time percentiles."""
+        workers = list(self._workers.values())
+        now = time.monotonic()
+        alive = self._dead_worker_seconds + sum(now - w.started_at for w in workers)
+        counts = self._counts
+        return PoolStats(
+            backend=self._backend.name,
+            workers=sum(1 for w in workers if w.state != _KILLED),
+            busy=sum(1 for w in workers if w.inflight),
+            idle=sum(1 for w in workers if w.state == _READY and not w.inflight),
+            starting=sum(1 for w in workers if w.state == _STARTING),
+            queued=self._queued,
+            max_queue=self._settings.max_queue,
+            utilisation=min(1.0, self._busy_seconds / alive) if alive > 0 else 0.0,
+            submitted=counts["submitted"],
+            completed=counts["completed"],
+            failed=counts["failed"],
+            crashed=counts["crashed"],
+            timed_out=counts["timed_out"],
+            cancelled=counts["cancelled"],
+            run_time=self._run_time.percentiles(),
+            wait_time=self._wait_time.percentiles(),
+        )
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return (
+            f"<allcores.Pool {self._backend.name} max_workers={self._settings.max_workers} {state}>"
+        )
+
+
+class MapIterator(Iterator[R], AsyncIterator[R]):
+    """The results of `Pool.map` / `imap` / `imap_unordered`: iterate, async-iterate, or await.
+
+    Inputs are pulled lazily, at most ``MAP_INFLIGHT_PER_WORKER x max_workers``
+    chunks ahead, so an endless generator runs in bounded memory. With no
+    chunksize, each chunk's measured run time sizes the next (`TARGET_CHUNK_SECONDS`).
+    """
+
+    def __init__(
+        self,
+        pool: Pool,
+        fn: Callable[..., R],
+        iterables: tuple[Iterable[Any], ...],
+        *,
+        chunksize: int | None,
+        ordered: bool,
+        timeout: float | None,
+    ) -> None:
+        if chunksize is not None and chunksize < 1:
+            raise ValueError("chunksize must be >= 1")
+        if not iterables:
+            raise TypeError("map() needs at least one iterable")
+        self._pool = pool
+        self._fn = fn
+        self._hint = operator.length_hint(iterables[0]) if len(iterables) == 1 else 0
+        self._items: Iterator[tuple[Any, ...]] = zip(*iterables, strict=False)
+        self._auto = chunksize is None
+        self._chunksize = chunksize or 1
+        self._ordered = ordered
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._max_inflight = MAP_INFLIGHT_PER_WORKER * pool.settings.max_workers
+        self._inflight: collections.deque[concurrent.futures.Future[Any]] = collections.deque()
+        self._ready: collections.deque[R] = collections.deque()
+        self._error: BaseException | None = None
+        self._exhausted = False
+        self._closed = False
+        self._per_item: float | None = None
+        self._fill()
+
+    def _next_chunksize(self) -> int:
+        if not self._auto or self._per_item is None:
+            return self._chunksize
+        target = TARGET_CHUNK_SECONDS / max(self._per_item, 1e-8)
+        size = int(min(target, self._chunksize * CHUNK_GROWTH, MAX_CHUNKSIZE))
+        if self._hint:
+            # Leave enough chunks that every worker gets a share of what is left.
+            size = min(size, -(-self._hint // (4 * self._pool.settings.max_workers)))
+        self._chunksize = max(1, size)
+        return self._chunksize
+
+    def _learn(self, items: int, seconds: float) -> None:
+        if not self._auto or items <= 0:
+            return
+        per_item = seconds / items
+        if self._per_item is None:
+            self._per_item = per_item
+        else:
+            self._per_item += (per_item - self._per_item) * 0.5
+
+    def _fill(self) -> None:
+        while not self._exhausted and not self._closed and len(self._inflight) < self._max_inflight:
+            size = self._next_chunksize()
+            chunk = list(itertools.islice(self._items, size))
+            if not chunk:
+                self._exhausted = True
+                return
+            if self._hint:
+                self._hint = max(0, self._hint - len(chunk))
+            task = self._pool._new_task(self._fn, (), {}, None, chunk=chunk)
+            future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+            task.future = future
+            self._pool._call(self._pool._enqueue, task)
+            self._inflight.append(future)
+            if len(chunk) < size:
+                self._exhausted = True
+
+    def _take(self, future: concurrent.futures.Future[Any]) -> None:
+        self._inflight.remove(future)
+        results, error, seconds = future.result()
+        self._learn(len(results) + (error is not None), seconds)
+        self._ready.extend(results)
+        if error is not None:
+            self._error = error
+
+    def _remaining(self) -> float | None:
+        if self._deadline is None:
+            return None
+        return max(0.0, self._deadline - time.monotonic())
+
+    def __iter__(self) -> MapIterator[R]:
+        return self
+
+    def __next__(self) -> R:
+        while True:
+            if self._ready:
+                return self._ready.popleft()
+            if self._error is not None:
+                self.close()
+                error, self._error = self._error, None
+                raise error
+            self._fill()
+            if not self._inflight:
+                self.close()
+                raise StopIteration
+            if self._pool._on_loop_thread():
+                self.close()
+                raise RuntimeError(
+                    "iterating a pool's map synchronously on the pool's own event loop would "
+                    "deadlock; use `async for` (or `await pool.map(...)`)"
+                )
+            try:
+                if self._ordered:
+                    head = self._inflight[0]
+                    head.result(self._remaining())
+                    self._take(head)
+                else:
+                    done, _ = concurrent.futures.wait(
+                        list(self._inflight),
+                        timeout=self._remaining(),
+                        return_when=concurrent.futures.FIRST_COMPLETED,
+                    )
+                    if not done:
+                        raise TimeoutError
+                    for future in done:
+                        self._take(future)
+            except BaseException:
+                self.close()
+                raise
+
+    def __aiter__(self) -> MapIterator[R]:
+        return self
+
+    async def __anext__(self) -> R:
+        while True:
+            if self._ready:
+                return self._ready.popleft()
+            if self._error is not None:
+                self.close()
+                error, self._error = self._error, None
+                raise error
+            self._fill()
+            if not self._inflight:
+                self.close()
+                raise StopAsyncIteration
+            try:
+                if self._ordered:
+                    head = self._inflight[0]
+                    await asyncio.wait_for(
+                        asyncio.shield(asyncio.wrap_future(head)), self._remaining()
+                    )
+                    self._take(head)
+                else:
+                    waiting = {asyncio.wrap_future(f): f for f in self._inflight}
+                    done, _ = await asyncio.wait(
+                        waiting, timeout=self._remaining(), return_when=asyncio.FIRST_COMPLETED
+                    )
+                    if not done:
+                        raise TimeoutError
+                    for wrapped in done:
+                        self._take(waiting[wrapped])
+            except BaseException:
+                self.close()
+                raise
+
+    def __await__(self) -> Generator[Any, None, list[R]]:
+        return self._collect().__await__()
+
+    async def _collect(self) -> list[R]:
+        return [item async for item in self]
+
+    def close(self) -> None:
+        """Stop: queued chunks are dropped (chunks already running finish unseen)."""
+        if self._closed:
+            return
+        self._closed = True
+        for future in self._inflight:
+            future.cancel()
+        self._inflight.clear()
+
+    def __del__(self) -> None:
+        self.close()
