@@ -370,7 +370,8 @@ class Pool(concurrent.futures.Executor):
         self._ever_ready = False
         self._failed_starts = 0
 
-        self._run_ema = 0.0
+        # No prefetch until short tasks have been seen.
+        self._run_ema = PREFETCH_MAX_RUN_TIME
         self._run_time = Histogram()
         self._wait_time = Histogram()
         self._busy_seconds = 0.0
@@ -819,37 +820,39 @@ class Pool(concurrent.futures.Executor):
             if task.state != _QUEUED:
                 queue.popleft()
                 continue
-            if isinstance(task.future, concurrent.futures.Future) and not task.running_set:
-                if task.bridged:
-                    cancelled = task.future.cancelled()
-                else:
-                    cancelled = not task.future.set_running_or_notify_cancel()
-                task.running_set = True
-                if cancelled:
-                    queue.popleft()
-                    self._unreserve()
-                    task.state = _CANCELLED
-                    task.packed.close()
-                    self._counts["cancelled"] += 1
-                    dispatched = True
-                    continue
             if idle:
-                worker = idle.pop()
+                worker = idle[-1]
             else:
                 found = self._prefetch_target()
                 if found is None:
                     break
                 worker = found
             queue.popleft()
-            self._dispatch(worker, task)
             dispatched = True
+            future = task.future
+            if isinstance(future, concurrent.futures.Future) and not task.running_set:
+                # Like ProcessPoolExecutor: cancel() works until a worker takes the task.
+                task.running_set = True
+                if (
+                    future.cancelled()
+                    if task.bridged
+                    else not future.set_running_or_notify_cancel()
+                ):
+                    self._unreserve()
+                    task.state = _CANCELLED
+                    task.packed.close()
+                    self._counts["cancelled"] += 1
+                    continue
+            if idle and idle[-1] is worker:
+                idle.pop()
+            self._dispatch(worker, task)
         if dispatched:
             self._queue_shrank()
         if queue and not idle:
             self._grow()
 
     def _prefetch_target(self) -> _Worker | None:
-        if self._run_ema > PREFETCH_MAX_RUN_TIME:
+        if self._run_ema >= PREFETCH_MAX_RUN_TIME:
             return None
         limit = self._settings.max_tasks_per_child
         best: _Worker | None = None

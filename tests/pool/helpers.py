@@ -1,0 +1,85 @@
+"""Task functions the workers import by reference (tests/pool is on sys.path via rootdir)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import time
+from typing import Any
+
+STATE: dict[str, Any] = {}
+
+
+def add(x: int, y: int = 1) -> int:
+    return x + y
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def identity(x: Any) -> Any:
+    return x
+
+
+def pid() -> int:
+    return os.getpid()
+
+
+def sleep_then(seconds: float, value: Any = None) -> Any:
+    time.sleep(seconds)
+    return value
+
+
+def sleep_pid(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def exit_hard(code: int = 3) -> None:
+    os._exit(code)
+
+
+def kill_self() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def segfault() -> None:
+    ctypes.string_at(0)
+
+
+def raise_value_error(message: str) -> None:
+    raise ValueError(message)
+
+
+def return_unpicklable() -> Any:
+    import threading
+
+    return threading.Lock()
+
+
+def init_state(value: Any) -> None:
+    STATE["value"] = value
+
+
+def read_state(_ignored: Any = None) -> Any:
+    return STATE.get("value")
+
+
+def failing_init() -> None:
+    raise RuntimeError("initializer says no")
+
+
+def niceness() -> int:
+    return os.nice(0)
+
+
+def fail_on(x: int, bad: int) -> int:
+    if x == bad:
+        raise ValueError(f"bad item {x}")
+    return x
+
+
+def nbytes(data: Any) -> int:
+    return len(data)
