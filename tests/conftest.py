@@ -91,11 +91,18 @@ def processes() -> Iterator[Processes]:
         procs.cleanup()
 
 
+# What Python's stack can leave in /dev/shm: multiprocessing.shared_memory segments
+# (psm_, wnsm_), multiprocessing semaphores (sem.mp-), and anything named allcores.
+# Other programs on the machine (a benchmark's loky, say) are not this suite's business.
+_OURS = ("psm_", "wnsm_", "sem.mp-", "mp-")
+
+
 def _shm_entries() -> set[str]:
     try:
-        return set(os.listdir("/dev/shm"))
+        names = os.listdir("/dev/shm")
     except FileNotFoundError:
         return set()
+    return {name for name in names if name.startswith(_OURS) or "allcores" in name}
 
 
 @pytest.fixture(autouse=True)

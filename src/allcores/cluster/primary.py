@@ -70,6 +70,17 @@ _PENDING_LIMIT = 1024
 _POLL_EXITS = 0.1
 
 
+def _new_loop() -> asyncio.AbstractEventLoop:
+    """uvloop where installed: the primary's accept-and-pass path under `balanced` is
+    a loop wake-up per connection, which uvloop makes cheaper."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
+
+
 class ClusterError(AllcoresError):
     """The cluster could not do what was asked (fork in a worker, bad message, ...)."""
 
@@ -224,7 +235,7 @@ class Primary(EventEmitter):
             try:
                 self._loop = asyncio.get_running_loop()
             except RuntimeError:
-                self._loop = asyncio.new_event_loop()
+                self._loop = _new_loop()
                 self._own_loop = True
             self._wakeup = asyncio.Event()
         return self._loop
@@ -767,6 +778,10 @@ class Primary(EventEmitter):
             except OSError as exc:
                 log.error("allcores: accept on %s failed: %s", listener.address, exc)
                 return
+            if conn.family in (socket.AF_INET, socket.AF_INET6):
+                # Workers get the connection already made; set what an accepting event
+                # loop would have set (asyncio and uvloop disable Nagle on TCP).
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if not self._hand_over(listener, conn):
                 listener.pending.append(conn)
                 if len(listener.pending) >= _PENDING_LIMIT or not listener.workers:

@@ -131,6 +131,7 @@ class WorkerRuntime(EventEmitter):
         self._next_request = 0
         self._servers: dict[tuple[str, int], tuple[ClusterServer, ProtocolFactory]] = {}
         self._protocols: set[asyncio.BaseProtocol] = set()
+        self._early: dict[tuple[Any, ...], list[int]] = {}
         self._all_closed: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
         self.disconnecting = False
@@ -289,7 +290,7 @@ class WorkerRuntime(EventEmitter):
                 os.close(extra)
             loop = asyncio.get_running_loop()
             server._server = await loop.create_server(counted, sock=sock, backlog=backlog or 2048)
-        self._servers[tuple(reply["key"])] = (server, counted)  # type: ignore[index]
+        self._register(tuple(reply["key"]), server, counted)
         self.row.set("state", RowState.READY)
         return server
 
@@ -342,17 +343,29 @@ class WorkerRuntime(EventEmitter):
         return counted
 
     def _on_conn(self, key: tuple[Any, ...], fds: list[int]) -> None:
-        entry = self._servers.get(key)  # type: ignore[arg-type]
-        if entry is None or self._loop is None:
-            for fd in fds:
-                os.close(fd)
-            return
-        sock = socket.socket(fileno=fds[0])
         for extra in fds[1:]:
             os.close(extra)
+        entry = self._servers.get(key)  # type: ignore[arg-type]
+        if entry is None or self._loop is None:
+            if self.disconnecting or not fds:
+                for fd in fds[:1]:
+                    os.close(fd)
+                return
+            # The primary sends connections right after its "listening" reply; they
+            # can arrive before start_server() has resumed and registered the server.
+            self._early.setdefault(key, []).append(fds[0])
+            return
+        sock = socket.socket(fileno=fds[0])
         _server, factory = entry
         task = self._loop.create_task(self._loop.connect_accepted_socket(factory, sock))
         task.add_done_callback(_log_failed_connection)
+
+    def _register(
+        self, key: tuple[Any, ...], server: ClusterServer, factory: ProtocolFactory
+    ) -> None:
+        self._servers[key] = (server, factory)  # type: ignore[index]
+        for fd in self._early.pop(key, []):
+            self._on_conn(key, [fd])
 
     def _server_closed(self, server: ClusterServer) -> None:
         for key, (registered, _factory) in list(self._servers.items()):
