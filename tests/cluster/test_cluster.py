@@ -37,16 +37,17 @@ def test_busy_worker_does_not_stop_the_others(start_cluster) -> None:  # type: i
     start_cpu = {pid: _cpu_seconds(pid) for pid in pids}
     thread = threading.Thread(target=slow)
     thread.start()
-    # Wait until the /cpu request is being worked on: one worker burns CPU.
+    # Wait until one worker has burnt 0.5 s of CPU on /cpu: by then its loop has missed
+    # enough heartbeats (heartbeat_stale is 0.25 s) for the primary to pass it over.
     busy_pid = wait_until(
-        lambda: next((p for p in pids if _cpu_seconds(p) - start_cpu[p] > 0.2), None), timeout=15
+        lambda: next((p for p in pids if _cpu_seconds(p) - start_cpu[p] > 0.5), None), timeout=15
     )
     fast = [int(http_get(run.port)) for _ in range(5)]
     finished_before = done.is_set()
     thread.join(60)
-    assert not finished_before, "the /cpu request ended too soon to show anything; raise n"
-    assert all(pid != busy_pid for pid in fast)
     assert answer and answer[0].split()[0] == str(busy_pid)
+    assert all(pid != busy_pid for pid in fast), (fast, busy_pid)
+    assert not finished_before, "the /cpu request ended too soon to show anything; raise n"
 
 
 def _cpu_seconds(pid: int) -> float:
