@@ -60,6 +60,7 @@ import cloudpickle
 
 from allcores.errors import AllcoresError, ChannelClosed, ChannelError
 from allcores.ipc.channel import AsyncChannel, Channel, channel_pair
+from allcores.pool.errors import RemoteTraceback
 from allcores.shm.segment import fd_transfer, received_fds
 
 __all__ = ["ParentPort", "RemoteTraceback", "Worker", "WorkerError"]
@@ -95,17 +96,6 @@ class WorkerError(AllcoresError):
     def __init__(self, message: str, *, exit_code: int | None = None) -> None:
         super().__init__(message)
         self.exit_code = exit_code
-
-
-class RemoteTraceback(AllcoresError):
-    """The traceback of an exception raised in a worker, set as that exception's cause."""
-
-    def __init__(self, tb: str) -> None:
-        super().__init__(tb)
-        self.tb = tb
-
-    def __str__(self) -> str:
-        return self.tb
 
 
 # ── encoding ────────────────────────────────────────────────────────────────────
