@@ -5,17 +5,21 @@ serves HTTP on port 8001 and hands each /cpu request to a Worker, so / stays qui
     curl localhost:8001/                 # Hello from Main Thread (non-CPU path)!
     curl localhost:8001/cpu              # ~1 s in a Worker: Hello from Main Thread! Sum: ...
     curl localhost:8001/cpu & curl localhost:8001/    # / answers at once while /cpu computes
-    curl localhost:8001/cpu & sleep 0.3; pkill -9 --parent <main pid>
-                                         # kills the worker: a 500, and the log says
-                                         # "Worker stopped with exit code -9"
+    curl localhost:8001/cpu & sleep 0.3; pkill -9 --newest --parent <main pid>
+                                         # kills that request's Worker: a 500, and the
+                                         # log says "Worker stopped with exit code -9"
 
 PORT overrides the port, CPU_N the loop count of /cpu (default 20,000,000, about as
 long in CPython as the seed's 1e9 additions in V8). Only the standard library and
 allcores.
 
 Like the seed, /cpu starts one Worker per request: simple, and each costs a process
-start. Pass --pool to make /cpu use the recommended form instead, a pool of
-long-lived processes (``await pool.run(fn, n)``), also served on /cpu-pool.
+start. The recommended form is a pool of long-lived processes, started once
+(``await pool.run(busy_sum, n)``): it is served on /cpu-pool, and ``--pool`` makes
+/cpu use it too.
+
+    curl localhost:8001/cpu-pool         # the same answer, computed in a pool process
+    python examples/worker_threads_server.py --pool   # /cpu goes to the pool as well
 
 One thing the seed leaves out: a worker that dies without an answer (killed, out of
 memory) sends no "message" and no "error", only "exit"; this server answers 500 then
@@ -26,24 +30,31 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import socket
 import sys
 import traceback
-from typing import Any
+from collections.abc import Awaitable, Callable
 
+from allcores.pool import Pool
 from allcores.pool.messaging_worker import ParentPort, Worker
 
 PORT = int(os.environ.get("PORT", "8001"))
 CPU_N = int(os.environ.get("CPU_N", "20000000"))
 
 
+def busy_sum(n: int) -> int:
+    """The seed's CPU-bound loop."""
+    total = 0
+    for i in range(n):
+        total += i
+    return total
+
+
 def sum_to(parent_port: ParentPort, worker_data: dict[str, int]) -> None:
     """worker-task.js: runs in the Worker process."""
-    total = 0
-    for i in range(worker_data["num"]):
-        total += i
-    parent_port.post_message(total)
+    parent_port.post_message(busy_sum(worker_data["num"]))
 
 
 async def cpu_in_a_worker() -> tuple[int, str]:
@@ -71,17 +82,32 @@ async def cpu_in_a_worker() -> tuple[int, str]:
     return await answer
 
 
+async def cpu_in_the_pool(pool: Pool) -> tuple[int, str]:
+    """The recommended form: a task for a long-lived pool process; errors raise here."""
+    try:
+        total = await pool.run(busy_sum, CPU_N)
+    except Exception as exc:
+        traceback.print_exception(exc)
+        return 500, "Error processing request.\n"
+    return 200, f"Hello from Main Thread! Sum: {total}\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pool", action="store_true", help="serve /cpu from a process pool")
     args = parser.parse_args()
-    asyncio.run(serve(use_pool=args.pool))
+    # Ctrl-C is the normal way to stop a demo server; workers and pool follow us out.
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(use_pool=args.pool))
     return 0
 
 
-async def serve(*, use_pool: bool) -> None:
-    routes: dict[str, Any] = {"/cpu": cpu_in_a_worker}
+Route = Callable[[], Awaitable[tuple[int, str]]]
 
+
+def http_handler(
+    routes: dict[str, Route],
+) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """A minimal HTTP/1.1 responder: enough for curl, browsers and wrk (keep-alive)."""
         try:
@@ -111,20 +137,34 @@ async def serve(*, use_pool: bool) -> None:
         finally:
             writer.close()
 
+    return handle
+
+
+async def serve(*, use_pool: bool) -> None:
     print(f"Main thread {os.getpid()} is running", flush=True)
-    # Every interface, IPv6 and IPv4, as Node's listen(8001). The socket is made here
-    # rather than by asyncio, whose name lookup would start a helper thread: with one
-    # OS thread a Worker starts by a plain fork (a few ms) instead of via a forkserver.
-    if socket.has_dualstack_ipv6():
-        listener = socket.create_server(
-            ("", PORT), family=socket.AF_INET6, dualstack_ipv6=True, backlog=1024
-        )
-    else:
-        listener = socket.create_server(("", PORT), backlog=1024)
-    server = await asyncio.start_server(handle, sock=listener)
-    print(f"Server listening on port {PORT}", flush=True)
-    async with server:
-        await server.serve_forever()
+    # The pool's processes start before the port opens, so /cpu-pool never waits
+    # for them; its default size is one process per usable CPU.
+    async with Pool() as pool:
+        routes: dict[str, Route] = {
+            "/cpu": cpu_in_a_worker,
+            "/cpu-pool": lambda: cpu_in_the_pool(pool),
+        }
+        if use_pool:
+            routes["/cpu"] = routes["/cpu-pool"]
+        # Every interface, IPv6 and IPv4, as Node's listen(8001). The socket is made
+        # here rather than by asyncio, whose name lookup would start a helper thread:
+        # with one OS thread a Worker starts by a plain fork (a few ms), not through a
+        # forkserver.
+        if socket.has_dualstack_ipv6():
+            listener = socket.create_server(
+                ("", PORT), family=socket.AF_INET6, dualstack_ipv6=True, backlog=1024
+            )
+        else:
+            listener = socket.create_server(("", PORT), backlog=1024)
+        server = await asyncio.start_server(http_handler(routes), sock=listener)
+        print(f"Server listening on port {PORT}", flush=True)
+        async with server:
+            await server.serve_forever()
 
 
 if __name__ == "__main__":

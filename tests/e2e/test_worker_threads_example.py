@@ -14,6 +14,10 @@ from tests.conftest import ROOT, Processes, free_port, wait_until
 from tests.e2e.test_cluster_example import Output
 
 EXAMPLE = ROOT / "examples" / "worker_threads_server.py"
+PLAIN = (200, "Hello from Main Thread (non-CPU path)!\n")
+FAILED = (500, "Error processing request.\n")
+# A loop this long would take minutes: such a request can only end by its process's death.
+ENDLESS = 10**10
 
 
 def get(port: int, path: str) -> tuple[int, str]:
@@ -35,36 +39,69 @@ def start(
         str(EXAMPLE), *args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
     out = Output(proc)
-    wait_until(lambda: out.matching(rf"Server listening on port {port}"))
+    wait_until(lambda: out.matching(rf"Server listening on port {port}"), timeout=30)
     assert out.matching(rf"Main thread {proc.pid} is running")
+    processes.remember_children(proc)  # the pool's processes
     return proc, port, out
 
 
-def test_cpu_is_computed_in_a_worker_and_plain_requests_are_answered(
-    processes: Processes,
-) -> None:
+def children(proc: subprocess.Popen[bytes]) -> set[int]:
+    return {child.pid for child in psutil.Process(proc.pid).children()}
+
+
+def in_background(port: int, path: str) -> tuple[threading.Thread, list[tuple[int, str]]]:
+    answers: list[tuple[int, str]] = []
+    thread = threading.Thread(target=lambda: answers.append(get(port, path)), daemon=True)
+    thread.start()
+    return thread, answers
+
+
+def test_every_route_answers_the_seeds_texts(processes: Processes) -> None:
     _proc, port, _out = start(processes, 100_000)
-    assert get(port, "/") == (200, "Hello from Main Thread (non-CPU path)!\n")
-    assert get(port, "/cpu") == (200, f"Hello from Main Thread! Sum: {sum(range(100_000))}\n")
-    assert get(port, "/other") == (200, "Hello from Main Thread (non-CPU path)!\n")
+    cpu = (200, f"Hello from Main Thread! Sum: {sum(range(100_000))}\n")
+    assert get(port, "/") == PLAIN
+    assert get(port, "/cpu") == cpu
+    assert get(port, "/cpu-pool") == cpu
+    assert get(port, "/other") == PLAIN
 
 
 def test_the_loop_answers_while_a_worker_computes_and_a_dead_worker_is_a_500(
     processes: Processes,
 ) -> None:
-    # A loop of 10**10 additions would take minutes: /cpu can only end by its worker's death.
-    proc, port, out = start(processes, 10**10)
-    slow: list[tuple[int, str]] = []
-    requester = threading.Thread(target=lambda: slow.append(get(port, "/cpu")), daemon=True)
-    requester.start()
-    worker = wait_until(lambda: psutil.Process(proc.pid).children())[0]
-    processes.descendants.add(worker.pid)
+    proc, port, out = start(processes, ENDLESS)
+    pool_processes = children(proc)
+    requester, answers = in_background(port, "/cpu")
+    worker = wait_until(lambda: children(proc) - pool_processes).pop()
+    processes.descendants.add(worker)
 
-    assert get(port, "/") == (200, "Hello from Main Thread (non-CPU path)!\n")
-    assert slow == []  # / was answered while /cpu was still computing
+    assert get(port, "/") == PLAIN
+    assert answers == []  # / was answered while /cpu was still computing
 
-    os.kill(worker.pid, signal.SIGKILL)
+    os.kill(worker, signal.SIGKILL)
     requester.join(timeout=60)
-    assert slow == [(500, "Error processing request.\n")]
+    assert answers == [FAILED]
     wait_until(lambda: out.matching(r"Worker stopped with exit code -9"))
-    assert get(port, "/") == (200, "Hello from Main Thread (non-CPU path)!\n")
+    assert get(port, "/") == PLAIN
+
+
+def test_with_pool_flag_cpu_runs_in_the_pool_and_a_killed_pool_process_is_a_500(
+    processes: Processes,
+) -> None:
+    proc, port, _out = start(processes, ENDLESS, "--pool")
+    pool_processes = children(proc)
+    assert pool_processes
+    idle = {pid: psutil.Process(pid).cpu_times().user for pid in pool_processes}
+    requester, answers = in_background(port, "/cpu")
+
+    def computing() -> list[int]:
+        # An idle pool process uses no CPU; the one running the loop soon has used 0.5 s.
+        return [pid for pid, t in idle.items() if psutil.Process(pid).cpu_times().user > t + 0.5]
+
+    busy = wait_until(computing, timeout=60)  # /cpu runs in a process the pool started
+    assert get(port, "/") == PLAIN
+    assert answers == []
+
+    os.kill(busy[0], signal.SIGKILL)
+    requester.join(timeout=60)
+    assert answers == [FAILED]
+    assert get(port, "/") == PLAIN
