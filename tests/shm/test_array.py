@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import pickle
@@ -92,6 +93,23 @@ def test_lock_makes_increments_from_several_processes_exact(processes: Processes
         assert peer.proc.stdout.readline().strip() == b"ok"
     assert int(view[0]) == times + len(peers) * times * threads
     arr.close()
+
+
+def add_one_under_lock(arr: SharedArray) -> bool:
+    view = arr.numpy()
+    with arr.lock:
+        view[0] = int(view[0]) + 1
+    return arr.owner
+
+
+async def test_pool_tasks_get_the_memory_itself_and_share_the_lock() -> None:
+    from allcores.pool import Pool
+
+    with SharedArray(1, "int64") as arr:
+        async with Pool(max_workers=2) as pool:
+            owners = await asyncio.gather(*(pool.run(add_one_under_lock, arr) for _ in range(60)))
+        assert owners == [False] * 60  # every task got an attached copy, none the original
+        assert arr.numpy()[0] == 60
 
 
 def test_lock_is_exclusive_and_released_when_its_holder_is_killed(processes: Processes) -> None:
