@@ -10,12 +10,19 @@ Each command prints exactly one line: its result, or "ok".
     add N THREADS        THREADS threads each add 1 to element 0, N times, under the lock
     hold                 take the lock and keep it
     try                  whether the lock can be taken now (released again at once)
+    forktry              like try, from a child forked right now (the fork inherits the object)
+    forkwait             fork a child that waits for the lock (blocking) and reports
+    forkresult           whether that child got the lock (false if not within 20 s)
+    release              release the lock taken by `hold`
 """
 
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import select
+import signal
 import socket
 import sys
 import threading
@@ -32,8 +39,49 @@ def add_under_lock(arr: SharedArray, times: int) -> None:
             view.flat[0] = value + 1
 
 
+def try_in_forked_child(arr: SharedArray) -> bool:
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        taken = arr.lock.acquire(blocking=False)
+        os.write(write_end, b"1" if taken else b"0")
+        os._exit(0)
+    os.close(write_end)
+    answer = os.read(read_end, 1)
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    return answer == b"1"
+
+
+class ForkedWaiter:
+    def __init__(self, pid: int, read_end: int) -> None:
+        self.pid = pid
+        self.read_end = read_end
+
+    def result(self) -> bool:
+        ready, _, _ = select.select([self.read_end], [], [], 20)
+        if not ready:
+            os.kill(self.pid, signal.SIGKILL)
+        answer = os.read(self.read_end, 1) if ready else b""
+        os.close(self.read_end)
+        os.waitpid(self.pid, 0)
+        return answer == b"1"
+
+
+def wait_in_forked_child(arr: SharedArray) -> ForkedWaiter:
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        arr.lock.acquire()
+        os.write(write_end, b"1")
+        os._exit(0)
+    os.close(write_end)
+    return ForkedWaiter(pid, read_end)
+
+
 def main() -> None:
     arr: SharedArray | None = None
+    waiter: ForkedWaiter | None = None
     for line in sys.stdin:
         command, *args = line.split()
         reply = "ok"
@@ -72,6 +120,15 @@ def main() -> None:
                 if taken:
                     arr.lock.release()
                 reply = json.dumps(taken)
+            elif command == "forktry":
+                reply = json.dumps(try_in_forked_child(arr))
+            elif command == "forkwait":
+                waiter = wait_in_forked_child(arr)
+            elif command == "forkresult":
+                assert waiter is not None, "forkwait first"
+                reply = json.dumps(waiter.result())
+            elif command == "release":
+                arr.lock.release()
             else:
                 reply = f"unknown command {command!r}"
         print(reply, flush=True)

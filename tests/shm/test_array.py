@@ -131,6 +131,22 @@ def test_lock_is_exclusive_and_released_when_its_holder_is_killed(processes: Pro
     arr.close()
 
 
+def test_a_forked_child_does_not_inherit_its_parents_hold_on_the_lock(
+    processes: Processes,
+) -> None:
+    arr = SharedArray(1, "uint8")
+    parent = Peer(processes)
+    parent.send(f"attach {pickle.dumps(arr).hex()}")
+    assert json.loads(parent.send("forktry")) is True  # nobody holds it
+    parent.send("hold")
+    assert json.loads(parent.send("forktry")) is False  # the child is a new holder
+    # A child forked while its parent holds the lock gets it once the parent lets go.
+    parent.send("forkwait")
+    parent.send("release")
+    assert json.loads(parent.send("forkresult")) is True
+    arr.close()
+
+
 def test_memory_outlives_a_sigkilled_owner_and_nothing_appears_in_dev_shm(
     processes: Processes, dev_shm: set[str]
 ) -> None:

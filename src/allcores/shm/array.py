@@ -226,9 +226,9 @@ class ArrayLock:
         self.release()
 
     def close(self) -> None:
-        # Only this process's own description is closed: a fork child's inherited copy
-        # of the parent's fd is left alone for the parent.
-        if self._fd >= 0 and self._pid == os.getpid():
+        # Closing a fork child's inherited copy is safe: the parent's copy keeps the
+        # shared description, and any lock on it, alive.
+        if self._fd >= 0:
             os.close(self._fd)
         self._fd = -1
         self._pid = -1
