@@ -85,6 +85,7 @@ async def test_awaiting_a_failed_worker_raises_its_exception() -> None:
         await worker.wait_message()
     with pytest.raises(ValueError, match="bad input: y"):
         [message async for message in worker]
+    assert await worker.wait_exit() == 1
 
 
 async def test_sys_exit_sets_the_exit_code_without_an_error() -> None:
@@ -131,6 +132,7 @@ async def test_lambdas_and_import_paths_are_targets() -> None:
     by_path = Worker("tests.pool.worker_targets:sum_to", worker_data={"num": 5})
     assert await doubled.wait_message() == 42
     assert await by_path.wait_message() == 10
+    assert (await doubled.wait_exit(), await by_path.wait_exit()) == (0, 0)
 
 
 async def test_a_target_that_cannot_be_imported_is_an_error_event() -> None:
