@@ -124,7 +124,13 @@ def measure_sample(name: str, s: HttpSettings, run_index: int) -> dict[str, Any]
     spec = server_spec(name, port, s)
     log_path = RESULTS_DIR / "logs" / f"{name}-{run_index}.log"
     url = f"http://127.0.0.1:{port}/"
-    sample: dict[str, Any] = {"server": name, "run": run_index, "error": None}
+    # The 1-minute load average before each sample shows how busy the shared machine was.
+    sample: dict[str, Any] = {
+        "server": name,
+        "run": run_index,
+        "error": None,
+        "load_avg_1m": os.getloadavg()[0],
+    }
     try:
         server = start_server(name, spec.argv, spec.env, port, log_path, APPS_DIR, spec.workers)
     except RuntimeError as exc:

@@ -105,13 +105,20 @@ def _finish(
 ) -> None:
     payload = {
         "benchmark": name,
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "command": shlex.join([_shown_path(sys.executable), *sys.argv]),
         **env,
         **result,
     }
     path = bench_env.write_result(name, payload, args.out)
     print(text)
     print(f"\n{env['date']}, {env['machine']['cpus']} CPUs; JSON: {path}")
+
+
+def _shown_path(path: str) -> str:
+    """A path relative to the repository when inside it, so commands can be pasted."""
+    absolute = Path(path).absolute()
+    root = bench_env.REPO_ROOT
+    return str(absolute.relative_to(root)) if absolute.is_relative_to(root) else path
 
 
 def main(argv: list[str] | None = None) -> None:
