@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import os
 import queue
 import subprocess
 import threading
+import weakref
 from typing import Any
 
 import psutil
@@ -158,6 +161,20 @@ async def test_bad_input_is_refused_with_what_to_do() -> None:
         worker.join()
     worker.post_message(None)
     assert await worker.wait_exit() == 0
+
+
+async def test_a_finished_worker_leaves_no_fd_and_no_reference_behind() -> None:
+    fds_before = set(os.listdir("/proc/self/fd"))
+    finished = []
+    for n in range(5):
+        worker = Worker(sum_to, worker_data={"num": n})
+        assert await worker.wait_message() == sum(range(n))
+        assert await worker.wait_exit() == 0
+        finished.append(weakref.ref(worker))
+    del worker
+    gc.collect()
+    assert [ref() for ref in finished] == [None] * 5
+    assert set(os.listdir("/proc/self/fd")) <= fds_before
 
 
 def test_without_an_event_loop_callbacks_run_on_the_worker_event_thread() -> None:

@@ -313,9 +313,10 @@ def _worker_main(sock: socket.socket, spec: tuple[str, str | bytes], forked: boo
     if forked:
         # The parent ends of every channel, ours included, came with the fork; holding
         # them would keep those workers (and us) from ever seeing EOF.
-        for parent_end in list(_PARENT_ENDS.values()):
-            with contextlib.suppress(OSError):
-                os.close(parent_end.detach())
+        for parent_end in list(_PARENT_ENDS):
+            if parent_end.fileno() >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(parent_end.detach())
     else:
         _release_forkserver()
     channel = Channel(sock, raw=True)
@@ -353,10 +354,10 @@ def _report_error(port: ParentPort, exc: BaseException) -> None:
 
 # ── parent side ─────────────────────────────────────────────────────────────────
 
-# Parent ends of live channels, by fd: a forked worker closes them all (see
+# Parent ends of live channels: a forked worker closes them all (see
 # _worker_main). Only touched while this process has one thread (fork) or under the
 # GIL from the thread that owns the Worker.
-_PARENT_ENDS: dict[int, socket.socket] = {}
+_PARENT_ENDS: set[socket.socket] = set()
 # Workers still running, killed at interpreter exit.
 _LIVE: set[Worker] = set()
 
@@ -446,6 +447,7 @@ class Worker:
         self._exit_code: int | None = None
         self._error: BaseException | None = None
         self._eof = False
+        self._eof_timer: asyncio.TimerHandle | None = None
         self._channel: AsyncChannel | None = None
 
         parent_end, child_end = channel_pair()
@@ -457,11 +459,11 @@ class Worker:
         self._proc = context.Process(
             target=_worker_main, args=(child_end, spec, method == "fork"), name=name
         )
-        _PARENT_ENDS[parent_end.fileno()] = parent_end
+        _PARENT_ENDS.add(parent_end)
         try:
             self._proc.start()
         except BaseException:
-            del _PARENT_ENDS[parent_end.fileno()]
+            _PARENT_ENDS.discard(parent_end)
             parent_end.close()
             _close_fds(init_fds)
             raise
@@ -708,7 +710,7 @@ class Worker:
             return
         self._exit_code = code
         if not self._eof:
-            self._loop.call_later(_EOF_GRACE_S, self._give_up_on_eof)
+            self._eof_timer = self._loop.call_later(_EOF_GRACE_S, self._give_up_on_eof)
         self._finish()
 
     def _give_up_on_eof(self) -> None:
@@ -721,9 +723,11 @@ class Worker:
         code = self._exit_code
         if code is None or not self._eof or self._exited.is_set():
             return
+        if self._eof_timer is not None:
+            self._eof_timer.cancel()
         if self._channel is not None:
             self._channel.close()
-        _PARENT_ENDS.pop(self._parent_end.fileno(), None)
+        _PARENT_ENDS.discard(self._parent_end)
         self._parent_end.close()
         _LIVE.discard(self)
         self._proc.close()
