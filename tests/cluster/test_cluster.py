@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import signal
 import subprocess
@@ -240,3 +241,54 @@ def test_setup_primary_exec_args_and_silent(processes) -> None:  # type: ignore[
     assert proc.returncode == 0
     # The worker's own stdout ("worker 1 up") is hidden by silent=True.
     assert out.decode().splitlines() == [f"listening 1 {port}"]
+
+
+def _accept_queue(port: int) -> int | None:
+    """Connections waiting in the kernel's accept queue of 127.0.0.1:*port*."""
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            local, state, queues = fields[1], fields[3], fields[4]
+            if state == "0A" and int(local.split(":")[1], 16) == port:
+                return int(queues.split(":")[1], 16)
+    return None
+
+
+def test_connections_a_dead_worker_never_took_go_to_its_successor(start_cluster) -> None:  # type: ignore[no-untyped-def]
+    run = start_cluster(workers=1, APP_RESPAWN="1")
+    (victim,) = run.worker_pids()
+    before = _cpu_seconds(victim)
+
+    def doomed_request() -> None:
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            http_get(run.port, "/cpu?n=500000000", 60)  # its worker will be killed
+
+    doomed = threading.Thread(target=doomed_request)
+    doomed.start()
+    wait_until(lambda: _cpu_seconds(victim) - before > 0.3)
+    # The only worker's loop is stuck: the primary accepts these and queues them on its
+    # channel, where the worker does not read them.
+    answers: list[str] = []
+    clients = [
+        threading.Thread(target=lambda: answers.append(http_get(run.port, timeout=30)))
+        for _ in range(3)
+    ]
+    for client in clients:
+        client.start()
+    wait_until(lambda: _accept_queue(run.port) == 0 and len(_established(run.port)) >= 4)
+    os.kill(victim, signal.SIGKILL)
+    for client in clients:
+        client.join(40)
+    doomed.join(40)
+    (successor,) = run.worker_pids()
+    assert successor != victim
+    assert answers == [str(successor)] * 3
+
+
+def _established(port: int) -> list[str]:
+    with open("/proc/net/tcp") as table:
+        return [
+            line
+            for line in table.readlines()[1:]
+            if line.split()[3] == "01" and int(line.split()[2].split(":")[1], 16) == port
+        ]

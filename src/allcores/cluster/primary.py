@@ -46,7 +46,7 @@ from allcores.cluster.listeners import Address, bind_listener
 from allcores.cluster.settings import ClusterSettings
 from allcores.errors import AllcoresError, ChannelError
 from allcores.events import EventEmitter
-from allcores.ipc.channel import AsyncChannel, channel_pair
+from allcores.ipc.channel import AsyncChannel, channel_pair, read_unread
 from allcores.observe.scoreboard import RowState, Scoreboard
 
 __all__ = ["ENV_CHANNEL_FD", "ENV_SCOREBOARD", "ENV_WORKER_ID", "Primary", "Worker"]
@@ -114,6 +114,7 @@ class Worker(EventEmitter):
         self.signal_code: str | None = None
         self.output: collections.deque[str] = collections.deque(maxlen=_OUTPUT_LINES)
         self._channel: AsyncChannel | None = None
+        self._child_end: socket.socket | None = None
         self._output_partial = b""
 
     @property
@@ -301,8 +302,10 @@ class Primary(EventEmitter):
             child_sock.close()
             self._free_rows.append(row)
             raise ClusterError(f"cannot start worker {worker.id} ({argv[0]}): {exc}") from exc
-        finally:
-            child_sock.close()
+        # The primary keeps its own reference to the worker's end: if the worker dies,
+        # the connections passed to it that it never read stay queued there, and are
+        # given to another worker instead of being reset (see _recover_connections).
+        worker._child_end = child_sock
         scoreboard.row(row).set("pid", worker.process.pid)
         self.workers[worker.id] = worker
         worker._channel = AsyncChannel(
@@ -365,11 +368,17 @@ class Primary(EventEmitter):
 
     def _watch_output(self, worker: Worker) -> None:
         assert worker.process is not None and worker.process.stderr is not None
-        pipe = worker.process.stderr
-        fd = pipe.fileno()
+        fd = worker.process.stderr.fileno()
         os.set_blocking(fd, False)
+        self.loop.add_reader(fd, self._read_output, worker)
 
-        def readable() -> None:
+    def _read_output(self, worker: Worker) -> None:
+        """Forward what a worker wrote to stderr, and keep its last lines for reports."""
+        pipe = worker.process.stderr if worker.process is not None else None
+        if pipe is None or pipe.closed:
+            return
+        fd = pipe.fileno()
+        while True:
             try:
                 data = os.read(fd, 65536)
             except BlockingIOError:
@@ -384,16 +393,12 @@ class Primary(EventEmitter):
                     worker._output_partial = b""
                 return
             if not self.settings.silent:
-                try:
+                with contextlib.suppress(AttributeError, ValueError, OSError):
                     sys.stderr.buffer.write(data)
                     sys.stderr.flush()
-                except (AttributeError, ValueError, OSError):
-                    pass
             lines = (worker._output_partial + data).split(b"\n")
             worker._output_partial = lines.pop()[-4096:]
             worker.output.extend(line.decode(errors="replace") for line in lines[-_OUTPUT_LINES:])
-
-        self.loop.add_reader(fd, readable)
 
     def _reap(self, worker: Worker) -> None:
         assert worker.process is not None
@@ -402,12 +407,15 @@ class Primary(EventEmitter):
         except subprocess.TimeoutExpired:
             self.loop.call_later(_POLL_EXITS, self._reap, worker)
             return
+        # Its last words may still be in the pipe: read them before reporting the exit.
+        self._read_output(worker)
         code: int | None = status if status >= 0 else None
         sig = signal_name(-status) if status < 0 else None
         worker.exit_code, worker.signal_code = code, sig
+        self._forget_listening(worker)
+        self._recover_connections(worker)
         if worker._channel is not None and not worker._channel.closed:
             worker._channel.close()
-        self._forget_listening(worker)
         timer = self._kill_timers.pop(worker.id, None)
         if timer is not None:
             timer.cancel()
@@ -421,6 +429,34 @@ class Primary(EventEmitter):
         if not worker.exited_after_disconnect and not self._stopping:
             self._unplanned_exit(worker, code, sig)
         self._wake()
+
+    def _recover_connections(self, worker: Worker) -> None:
+        """Give the connections a dead worker never took to the others."""
+        child_end, worker._child_end = worker._child_end, None
+        if child_end is None:
+            return
+        recovered = 0
+        for obj, fds in read_unread(child_end):
+            listener = None
+            if isinstance(obj, dict) and obj.get("t") == "conn" and fds:
+                listener = self._listeners.get(tuple(obj.get("key", ())))  # type: ignore[arg-type]
+            if listener is None or self._stopping:
+                for fd in fds:
+                    os.close(fd)
+                continue
+            for extra in fds[1:]:
+                os.close(extra)
+            conn = socket.socket(fileno=fds[0])
+            recovered += 1
+            if not self._hand_over(listener, conn):
+                listener.pending.append(conn)
+        child_end.close()
+        if recovered:
+            log.info(
+                "allcores: %d connection(s) worker %d never took went to others",
+                recovered,
+                worker.id,
+            )
 
     # -- supervision ------------------------------------------------------------
 
@@ -628,6 +664,11 @@ class Primary(EventEmitter):
             self._on_listen(worker, obj)
         elif kind == "unlisten":
             self._forget_listening(worker)
+        elif kind == "bye":
+            # The worker closes its end after this; with the primary holding a
+            # reference to that end no EOF would tell us, so the worker says so.
+            if worker._channel is not None:
+                worker._channel.close()
         elif kind == "disconnecting":
             worker.exited_after_disconnect = True
             worker.state = "disconnecting"

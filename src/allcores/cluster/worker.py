@@ -384,6 +384,7 @@ class WorkerRuntime(EventEmitter):
             self.disconnecting = True
             with contextlib.suppress(ChannelError):
                 self._blocking.send({"t": "disconnecting"})
+                self._blocking.send({"t": "bye"})
             self._blocking.close()
             return
         self._loop.create_task(self._drain(30.0, tell_primary=True))
@@ -421,6 +422,7 @@ class WorkerRuntime(EventEmitter):
         if self._monitor is not None:
             self._monitor.stop()
         if self._channel is not None:
+            self._channel.send({"t": "bye"})
             self._channel.close(flush=True)
 
 

@@ -41,7 +41,7 @@ from typing import Any
 
 from allcores.errors import ChannelClosed, ChannelError
 
-__all__ = ["AsyncChannel", "Channel", "channel_pair"]
+__all__ = ["AsyncChannel", "Channel", "channel_pair", "read_unread"]
 
 _HEADER = struct.Struct("!HHI")
 HEADER_SIZE = _HEADER.size
@@ -197,6 +197,49 @@ def _decode(payload: bytes | bytearray) -> Any:
         return pickle.loads(payload)
     except Exception as exc:
         raise ChannelError(f"corrupt frame: payload does not unpickle ({exc!r})") from exc
+
+
+def read_unread(sock: socket.socket) -> list[tuple[Any, list[int]]]:
+    """Every whole message still queued for *sock*'s owner, read without blocking.
+
+    For a parent that kept its own reference to a child's end: when the child dies,
+    what it never read (connections passed to it, say) is still there to recover.
+    A stream that does not start on a frame boundary yields nothing; its fds are closed.
+    """
+    reader = _FrameReader()
+    sock.setblocking(False)
+    while True:
+        try:
+            data, ancdata, _flags, _addr = sock.recvmsg(_READ_SIZE, _ANCILLARY_SPACE)
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError:
+            break
+        reader.feed(data, _fds_from_ancillary(ancdata))
+        if not data:
+            break
+        if reader.big is not None:
+            n = reader.missing()
+            view = memoryview(reader.big)[reader.big_filled :]
+            try:
+                got, ancdata, _flags, _addr = sock.recvmsg_into([view], _ANCILLARY_SPACE)
+            except OSError:
+                break
+            reader.fds.extend(_fds_from_ancillary(ancdata))
+            reader.big_filled += got
+            if got < n:
+                break
+    messages: list[tuple[Any, list[int]]] = []
+    try:
+        for payload, fds in reader.frames():
+            try:
+                messages.append((_decode(payload), fds))
+            except ChannelError:
+                _close_fds(fds)
+    except ChannelError:
+        pass
+    reader.discard()
+    return messages
 
 
 class Channel:
