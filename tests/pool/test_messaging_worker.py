@@ -196,7 +196,12 @@ async def main():
     print(await worker.wait_message(), flush=True)
     await asyncio.sleep(1000)
 
-asyncio.run(main())
+if sys.argv[1] == "no-loop":  # forked before the private event thread starts
+    worker = Worker("tests.pool.worker_targets:sleep_forever")
+    worker.on("message", lambda pid: print(pid, flush=True))
+    worker.join()
+else:
+    asyncio.run(main())
 """
 
 
@@ -207,14 +212,15 @@ def _gone(pid: int) -> bool:
         return True
 
 
-@pytest.mark.parametrize("mode", ["single-threaded", "threaded"])
+@pytest.mark.parametrize("mode", ["single-threaded", "threaded", "no-loop"])
 def test_sigkill_of_the_parent_leaves_no_worker(processes: Processes, mode: str) -> None:
     parent = processes.python("-c", PARENT, mode, stdout=subprocess.PIPE)
     assert parent.stdout is not None
     worker_pid = int(parent.stdout.readline())
     helpers = processes.remember_children(parent)  # the worker, and any forkserver
-    assert worker_pid in helpers or mode == "threaded"
     processes.descendants.add(worker_pid)
+    # Forked by the parent itself while it has one thread, else by the forkserver.
+    assert (psutil.Process(worker_pid).ppid() == parent.pid) == (mode != "threaded")
 
     parent.kill()
     assert parent.wait() == -9

@@ -433,12 +433,7 @@ class Worker:
     ) -> None:
         spec = _target_spec(target)
         init_payload, init_fds = _encode(("init", worker_data), "worker_data")
-        # Chosen before the private loop below can add a thread to this process.
         method = _start_method()
-        try:
-            self._loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self._loop = _private_loop()
         self._listeners: dict[str, list[tuple[Listener, bool]]] = {e: [] for e in _EVENTS}
         self._inbox: collections.deque[Any] = collections.deque()
         self._message_waiters: list[asyncio.Future[Any]] = []
@@ -472,6 +467,11 @@ class Worker:
         self._pid: int = self._proc.pid or 0
         self._parent_end = parent_end
         _LIVE.add(self)
+        # Only now, after the fork: the private loop adds a thread to this process.
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = _private_loop()
         _on_loop(self._loop, self._connect, init_payload, init_fds)
 
     # ── Node's API ──
