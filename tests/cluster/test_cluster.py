@@ -294,3 +294,11 @@ def _established(port: int) -> list[str]:
             for line in table.readlines()[1:]
             if line.split()[3] == "01" and int(line.split()[2].split(":")[1], 16) == port
         ]
+
+
+def test_primary_exits_1_when_its_last_worker_dies_unplanned(start_cluster) -> None:  # type: ignore[no-untyped-def]
+    run = start_cluster(workers=1)
+    with contextlib.suppress(OSError, http.client.HTTPException):
+        http_get(run.port, "/exit?code=7", timeout=5)
+    assert run.wait_exit() == 1
+    assert run.find("exit", code=7, planned=False)

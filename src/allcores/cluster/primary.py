@@ -47,7 +47,7 @@ from allcores.cluster.settings import ClusterSettings
 from allcores.errors import AllcoresError, ChannelError
 from allcores.events import EventEmitter
 from allcores.ipc.channel import AsyncChannel, channel_pair, read_unread
-from allcores.observe.scoreboard import RowState, Scoreboard
+from allcores.observe.scoreboard import Row, RowState, Scoreboard
 
 __all__ = ["ENV_CHANNEL_FD", "ENV_SCOREBOARD", "ENV_WORKER_ID", "Primary", "Worker"]
 
@@ -227,6 +227,7 @@ class Primary(EventEmitter):
         self._atexit_registered = False
         self._kill_timers: dict[int, asyncio.TimerHandle] = {}
         self._reuseport_warned = False
+        self._last_exit_unplanned = False
 
     # -- set-up -------------------------------------------------------------------
 
@@ -248,7 +249,7 @@ class Primary(EventEmitter):
             self._free_rows = list(range(self.settings.max_workers - 1, -1, -1))
         return self._scoreboard
 
-    def scoreboard_row(self, row: int) -> Any:
+    def scoreboard_row(self, row: int) -> Row:
         return self.scoreboard.row(row)
 
     def _wake(self) -> None:
@@ -426,7 +427,8 @@ class Primary(EventEmitter):
             self._free_rows.append(worker.row)
             self._free_rows.sort(reverse=True)
         self._emit_both("exit", worker, code, sig)
-        if not worker.exited_after_disconnect and not self._stopping:
+        self._last_exit_unplanned = not worker.exited_after_disconnect and not self._stopping
+        if self._last_exit_unplanned:
             self._unplanned_exit(worker, code, sig)
         self._wake()
 
@@ -615,12 +617,10 @@ class Primary(EventEmitter):
         finally:
             if self._own_loop:
                 loop.run_until_complete(loop.shutdown_asyncgens())
-        if code == 0 and self._unplanned_only_exits():
+        if code == 0 and self._last_exit_unplanned:
+            # Nothing stopped the cluster: its last worker died unplanned.
             code = 1
         return code
-
-    def _unplanned_only_exits(self) -> bool:
-        return not self._stopping and bool(self._crash_times)
 
     def _run_at_exit(self) -> None:
         if self._ran:

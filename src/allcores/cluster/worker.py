@@ -27,6 +27,7 @@ import signal
 import socket
 import sys
 import threading
+import types
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -138,8 +139,9 @@ class WorkerRuntime(EventEmitter):
         self._blocking.send({"t": "online"})
 
     @property
-    def process(self) -> Any:
-        return type("Process", (), {"pid": os.getpid()})()
+    def process(self) -> types.SimpleNamespace:
+        """Node's ``cluster.worker.process``: here only its ``pid``."""
+        return types.SimpleNamespace(pid=os.getpid())
 
     def __repr__(self) -> str:
         return f"<cluster.worker {self.id} pid={os.getpid()}>"
