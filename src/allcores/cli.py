@@ -53,9 +53,17 @@ def demo(example: str | None, port: int | None) -> None:
     if cluster.is_primary:
         click.echo(f"allcores demo: running examples/{path.name} on port {shown_port}")
         click.echo("Try, from another terminal:")
-        click.echo(f"  curl localhost:{shown_port}/        # answered by different workers")
-        click.echo(f"  curl localhost:{shown_port}/cpu     # CPU-heavy; / still answers")
-        if example != "worker-threads":
+        if example == "worker-threads":
+            click.echo(f"  curl localhost:{shown_port}/        # the main thread's loop answers")
+            click.echo(
+                f"  curl localhost:{shown_port}/cpu     # a Worker per request; / still answers"
+            )
+            click.echo(
+                f"  curl localhost:{shown_port}/cpu-pool  # the same on a pool (recommended)"
+            )
+        else:
+            click.echo(f"  curl localhost:{shown_port}/        # answered by different workers")
+            click.echo(f"  curl localhost:{shown_port}/cpu     # CPU-heavy; / still answers")
             click.echo("  kill -9 <a worker pid>        # the primary logs it and starts another")
         click.echo("Stop with Ctrl-C.", err=False)
     sys.argv = [str(path)]
