@@ -152,6 +152,9 @@ def test_submit_after_shutdown_raises(pool: Pool) -> None:
 def test_stats_and_scoreboard(pool: Pool) -> None:
     for future in [pool.submit(helpers.add, i) for i in range(20)]:
         future.result(timeout=30)
+    deadline = time.monotonic() + 30
+    while pool.stats().starting and time.monotonic() < deadline:
+        time.sleep(0.01)
     with pytest.raises(ValueError):
         pool.submit(helpers.raise_value_error, "x").result(timeout=30)
     stats = pool.stats()

@@ -102,32 +102,48 @@ def load_function(blob: bytes) -> Callable[..., Any]:
     return fn
 
 
-class _LargeBytes:
-    """Pickles a large `bytes` as an out-of-band buffer (bytes alone never go out of band)."""
+class _OutOfBand:
+    """Pickles a large `bytes`, `bytearray` or `memoryview` as an out-of-band buffer.
 
-    __slots__ = ("data",)
+    Pickle only sends `PickleBuffer` objects out of band: bytes and bytearray go in
+    band by themselves, and a memoryview does not pickle at all (it arrives as bytes).
+    """
 
-    def __init__(self, data: bytes) -> None:
+    __slots__ = ("data", "kind")
+
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
         self.data = data
+        self.kind: type = bytearray if type(data) is bytearray else bytes
 
     def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
-        return bytes, (pickle.PickleBuffer(self.data),)
+        data = self.data
+        if type(data) is memoryview and not data.contiguous:
+            data = data.tobytes()
+        return self.kind, (pickle.PickleBuffer(data),)
+
+
+_OUT_OF_BAND_TYPES = (bytes, bytearray, memoryview)
+
+
+def _wants_out_of_band(value: Any) -> bool:
+    kind = type(value)
+    if kind is memoryview:
+        return True  # It cannot be pickled otherwise, whatever its size.
+    return (kind is bytes or kind is bytearray) and len(value) >= OOB_THRESHOLD
 
 
 def wrap_large_bytes(values: Sequence[Any]) -> tuple[Any, ...]:
-    """*values* with each top-level `bytes` of OOB_THRESHOLD or more made out-of-band."""
+    """*values* with each top-level bytes-like of OOB_THRESHOLD or more made out-of-band."""
     out = tuple(values)
     for value in out:
-        if type(value) is bytes and len(value) >= OOB_THRESHOLD:
-            return tuple(
-                _LargeBytes(v) if type(v) is bytes and len(v) >= OOB_THRESHOLD else v for v in out
-            )
+        if type(value) in _OUT_OF_BAND_TYPES and _wants_out_of_band(value):
+            return tuple(_OutOfBand(v) if _wants_out_of_band(v) else v for v in out)
     return out
 
 
 def large_bytes(value: Any) -> Any:
-    if type(value) is bytes and len(value) >= OOB_THRESHOLD:
-        return _LargeBytes(value)
+    if type(value) in _OUT_OF_BAND_TYPES and _wants_out_of_band(value):
+        return _OutOfBand(value)
     return value
 
 

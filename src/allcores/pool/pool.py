@@ -655,16 +655,15 @@ class Pool(concurrent.futures.Executor):
         self._ever_ready = True
         self._failed_starts = 0
         worker.state = _READY
-        if self._closing:
-            self._retire(worker)
-            self._maybe_finish_shutdown()
-            return
         worker.idle_since = time.monotonic()
         self._idle.append(worker)
         if self._ready_waiters and not any(w.state == _STARTING for w in self._workers.values()):
             self._wake(self._ready_waiters, None)
         self._pump()
-        self._schedule_idle_check()
+        if self._closing:
+            self._maybe_finish_shutdown()
+        else:
+            self._schedule_idle_check()
 
     def _on_result(
         self,

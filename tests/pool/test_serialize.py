@@ -1,0 +1,91 @@
+"""Functions by reference or by value; large buffers out of band through memfd."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from allcores.pool import Pool
+from allcores.pool import _protocol as proto
+from allcores.pool._serialize import (
+    OOB_THRESHOLD,
+    dump_function,
+    load_function,
+    pack,
+    unpack,
+    wrap_large_bytes,
+)
+from allcores.shm.segment import Segment
+from tests.pool import helpers
+
+pytestmark = pytest.mark.usefixtures("no_leftovers")
+
+
+def test_importable_functions_go_by_reference() -> None:
+    blob = dump_function(helpers.add)
+    assert blob == pickle.dumps(helpers.add, protocol=5)
+    assert dump_function(helpers.add) is blob  # cached
+    assert load_function(blob) is helpers.add
+
+
+def test_lambdas_go_by_value() -> None:
+    factor = 3
+    blob = dump_function(lambda x: x * factor)
+    assert load_function(blob)(2) == 6
+
+
+def test_small_messages_stay_in_band() -> None:
+    packed = pack(proto.TASK, 1, (b"x" * 100, bytearray(100)))
+    assert packed.segment is None and packed.fds == []
+    assert unpack(packed.payload, packed.fds) == (b"x" * 100, bytearray(100))
+    packed.close()
+
+
+def test_large_buffers_go_through_one_memfd() -> None:
+    data = os.urandom(OOB_THRESHOLD * 2)
+    array = np.arange(OOB_THRESHOLD, dtype=np.int64)
+    packed = pack(proto.TASK, 7, wrap_large_bytes((data, bytearray(data), memoryview(data), array)))
+    assert packed.segment is not None
+    assert len(packed.payload) < OOB_THRESHOLD  # the data is not in the frame
+    received = [os.dup(fd) for fd in packed.fds]
+    packed.close()
+    got_bytes, got_bytearray, got_view, got_array = unpack(bytes(packed.payload), received)
+    assert got_view == data
+    assert type(got_bytes) is bytes and got_bytes == data
+    assert type(got_bytearray) is bytearray and got_bytearray == data
+    assert np.array_equal(got_array, array)
+
+
+def test_segments_inside_arguments_travel_as_fds() -> None:
+    with Segment.create(16) as segment:
+        segment.buf[:5] = b"hello"
+        packed = pack(proto.TASK, 1, segment)
+        assert len(packed.fds) == 1
+        received = [os.dup(fd) for fd in packed.fds]
+        packed.close()
+        with unpack(packed.payload, received) as attached:
+            assert bytes(attached.buf[:5]) == b"hello"
+
+
+def test_large_arguments_and_results_round_trip_intact(pool: Pool) -> None:
+    data = os.urandom(8 * 1024 * 1024)
+    assert pool.submit(helpers.identity, data).result(timeout=60) == data
+    assert pool.submit(helpers.nbytes, data).result(timeout=60) == len(data)
+    buffer = bytearray(data)
+    assert pool.submit(helpers.identity, buffer).result(timeout=60) == buffer
+    view = memoryview(data)
+    assert pool.submit(helpers.identity, view).result(timeout=60) == data
+    array = np.random.default_rng(1).random((512, 1024))
+    result = pool.submit(helpers.identity, array).result(timeout=60)
+    assert np.array_equal(result, array)
+    # Results keep their shared mapping alive after the segment's fd is closed.
+    del array
+    assert float(result.sum()) > 0
+
+
+def test_a_100_mib_payload_round_trips(pool: Pool) -> None:
+    data = b"\x5a" * (100 * 1024 * 1024)
+    assert pool.submit(helpers.identity, data).result(timeout=60) == data
