@@ -8,6 +8,7 @@
     TASK  id (fn blob, args, kwargs)           ──►  fn(*args, **kwargs)
     CHUNK id (fn blob, [args, ...])            ──►  [fn(*args) for each]
     SKIP  id (a prefetched task was cancelled) ──►  drop it if it has not started
+    BATCH [message, ...] (several dispatched in one loop iteration, one send)
                                                ◄──  RESULT id value | ERROR id (exc, traceback)
                                                ◄──  CHUNK_RESULT id (values, error or None)
     end of the channel                         ──►  the worker returns (exit code 0)
@@ -34,12 +35,16 @@ from typing import Any, Protocol
 from allcores.errors import ChannelClosed
 from allcores.observe.scoreboard import Row, RowState, Scoreboard
 from allcores.pool._serialize import (
+    BATCH,
+    OOB_THRESHOLD,
     Packed,
+    SameAsArgument,
     large_bytes,
     load_function,
     pack,
     read_head,
     unpack,
+    unpack_batch,
 )
 
 # Parent -> worker.
@@ -47,6 +52,7 @@ SETUP = 1
 TASK = 2
 CHUNK = 3
 SKIP = 4
+# BATCH = 5 (`_serialize.BATCH`): several fd-less messages sent as one frame.
 # Worker -> parent.
 READY = 10
 INIT_FAILED = 11
@@ -151,6 +157,10 @@ def _run(kind: int, task_id: int, payload: bytes | bytearray, fds: list[int]) ->
         except BaseException as exc:
             return pack_error(ERROR, task_id, exc, time.perf_counter() - start)
         seconds = time.perf_counter() - start
+        if type(result) is bytes and len(result) >= OOB_THRESHOLD:
+            for index, arg in enumerate(args):
+                if arg is result:
+                    return pack(RESULT, task_id, SameAsArgument(index), seconds)
         try:
             return pack(RESULT, task_id, large_bytes(result), seconds)
         except BaseException as exc:
@@ -176,15 +186,21 @@ def _run(kind: int, task_id: int, payload: bytes | bytearray, fds: list[int]) ->
 
 def serve(endpoint: Endpoint) -> None:
     """The worker's life: setup, then tasks until the pool closes the channel."""
-    row = _setup(endpoint)
+    try:
+        row = _setup(endpoint)
+    except ChannelClosed:
+        return  # The pool shut down while this worker started.
     if row is None:
         return
     pending: collections.deque[tuple[bytes | bytearray, list[int]]] = collections.deque()
     skipped: set[int] = set()
 
     def take(frame: tuple[bytes | bytearray, list[int]]) -> None:
-        if frame[0][0] == SKIP:
+        kind = frame[0][0]
+        if kind == SKIP:
             skipped.add(read_head(frame[0])[3])
+        elif kind == BATCH:
+            pending.extend((payload, []) for payload in unpack_batch(frame[0]))
         else:
             pending.append(frame)
 

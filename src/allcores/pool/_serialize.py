@@ -12,8 +12,11 @@
                                       (SCM_RIGHTS); the reader maps it: numpy arrays come
                                       back as views of it, bytes with one copy
 
-A packed message is ``_HEAD`` (kind, buffer count, user fd count, task id, seconds),
-then one 8-byte size per out-of-band buffer, then the pickle. The frame's fds are the
+A packed message is ``_HEAD`` (kind, part count, user fd count, region count, task
+id, seconds), then one 8-byte size per out-of-band part, then the pickle. The parts
+are pickle's out-of-band buffers (numpy arrays...), read back as views of the
+mapped memfd, then the regions (large top-level bytes, bytearray, memoryview),
+read back with one pread each. The frame's fds are the
 fds of `Segment` objects found inside the pickle (see `allcores.shm.segment`), then the
 out-of-band segment's fd if there is one. Nothing is ever named in ``/dev/shm``.
 """
@@ -21,6 +24,7 @@ out-of-band segment's fd if there is one. Nothing is ever named in ``/dev/shm``.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import pickle
 import struct
@@ -50,7 +54,10 @@ __all__ = [
 # 64 KiB the memfd_create/ftruncate/mmap/munmap syscalls cost more than the copy saves.
 OOB_THRESHOLD = 64 * 1024
 
-_HEAD = struct.Struct("=BxHHxxqd")
+# kind, out-of-band parts, Segment fds, of which regions, task id, run seconds.
+_HEAD = struct.Struct("=BxHHHqd")
+# The kind of a message that carries several others (its task id field: how many).
+BATCH = 5
 HEAD_SIZE = _HEAD.size
 
 # Keeps the pickled form of each function object the pool has seen, so a hot loop
@@ -103,23 +110,74 @@ def load_function(blob: bytes) -> Callable[..., Any]:
 
 
 class _OutOfBand:
-    """Pickles a large `bytes`, `bytearray` or `memoryview` as an out-of-band buffer.
+    """Sends a large `bytes`, `bytearray` or `memoryview` through the message's memfd.
 
-    Pickle only sends `PickleBuffer` objects out of band: bytes and bytearray go in
-    band by themselves, and a memoryview does not pickle at all (it arrives as bytes).
+    Pickle sends only `PickleBuffer` objects out of band (bytes and bytearray go in
+    band by themselves, a memoryview does not pickle at all), and a PickleBuffer is
+    read back through a mapping: page faults, then a copy. A region is instead
+    written with pwrite and read back with one pread into the new object, which on
+    the dev box halves the time of a 100 MiB argument (65 ms instead of 130 ms).
     """
 
-    __slots__ = ("data", "kind")
+    __slots__ = ("data", "mutable")
 
     def __init__(self, data: bytes | bytearray | memoryview) -> None:
         self.data = data
-        self.kind: type = bytearray if type(data) is bytearray else bytes
+        self.mutable = type(data) is bytearray
 
     def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
         data = self.data
         if type(data) is memoryview and not data.contiguous:
             data = data.tobytes()
-        return self.kind, (pickle.PickleBuffer(data),)
+        regions = _REGIONS_OUT.get()
+        if regions is None:  # Pickled outside `pack`: in band.
+            return (bytearray if self.mutable else bytes), (bytes(data),)
+        regions.append(data)
+        return _take_region, (len(regions) - 1, self.mutable)
+
+
+class SameAsArgument:
+    """A worker's result that *is* one of its task's large bytes arguments: the parent
+    returns its own object instead of receiving a copy."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return SameAsArgument, (self.index,)
+
+
+# Linux reads and writes at most this much per call.
+_MAX_IO = 0x7FFFF000
+_REGIONS_OUT: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar(
+    "allcores_pool_regions_out", default=None
+)
+_REGIONS_IN: contextvars.ContextVar[tuple[int, list[tuple[int, int]]] | None] = (
+    contextvars.ContextVar("allcores_pool_regions_in", default=None)
+)
+
+
+def _take_region(index: int, mutable: bool) -> bytes | bytearray:
+    source = _REGIONS_IN.get()
+    if source is None:
+        raise pickle.UnpicklingError("an out-of-band region was unpickled outside its message")
+    fd, spans = source
+    offset, size = spans[index]
+    if not mutable and size <= _MAX_IO:
+        data = os.pread(fd, size, offset)
+        if len(data) == size:
+            return data
+    out = bytearray(size)
+    view = memoryview(out)
+    done = 0
+    while done < size:
+        got = os.preadv(fd, [view[done : done + _MAX_IO]], offset + done)
+        if got <= 0:
+            raise pickle.UnpicklingError("shared memory region ended early")
+        done += got
+    return out if mutable else bytes(out)
 
 
 _OUT_OF_BAND_TYPES = (bytes, bytearray, memoryview)
@@ -170,7 +228,7 @@ class Packed:
             self.segment = None
 
 
-def _dumps(obj: Any, oob: list[pickle.PickleBuffer]) -> bytes:
+def _dumps(obj: Any, oob: list[pickle.PickleBuffer], regions: list[Any]) -> bytes:
     def keep_large_out_of_band(buf: pickle.PickleBuffer) -> bool:
         if buf.raw().nbytes >= OOB_THRESHOLD:
             oob.append(buf)
@@ -182,6 +240,7 @@ def _dumps(obj: Any, oob: list[pickle.PickleBuffer]) -> bytes:
     except (pickle.PicklingError, TypeError, AttributeError):
         # A lambda or local class inside the arguments: cloudpickle handles those.
         oob.clear()
+        regions.clear()
         data: bytes = cloudpickle.dumps(obj, protocol=5, buffer_callback=keep_large_out_of_band)
         return data
 
@@ -189,12 +248,20 @@ def _dumps(obj: Any, oob: list[pickle.PickleBuffer]) -> bytes:
 def pack(kind: int, task_id: int, obj: Any, seconds: float = 0.0) -> Packed:
     """Pickle *obj* into a message; raises what pickling raises (nothing is left open)."""
     oob: list[pickle.PickleBuffer] = []
-    with fd_transfer() as seen_fds:
-        body = _dumps(obj, oob)
-        user_fds = [os.dup(fd) for fd in seen_fds]
-    if not oob:
-        return Packed(_HEAD.pack(kind, 0, len(user_fds), task_id, seconds) + body, user_fds, None)
-    sizes = [buf.raw().nbytes for buf in oob]
+    regions: list[Any] = []
+    token = _REGIONS_OUT.set(regions)
+    try:
+        with fd_transfer() as seen_fds:
+            body = _dumps(obj, oob, regions)
+            user_fds = [os.dup(fd) for fd in seen_fds]
+    finally:
+        _REGIONS_OUT.reset(token)
+    if not oob and not regions:
+        return Packed(
+            _HEAD.pack(kind, 0, len(user_fds), 0, task_id, seconds) + body, user_fds, None
+        )
+    views = [buf.raw() for buf in oob] + [memoryview(region).cast("B") for region in regions]
+    sizes = [view.nbytes for view in views]
     try:
         segment = Segment.create(sum(sizes), name="allcores-pool")
     except BaseException:
@@ -203,32 +270,58 @@ def pack(kind: int, task_id: int, obj: Any, seconds: float = 0.0) -> Packed:
         raise
     try:
         offset = 0
-        for buf, size in zip(oob, sizes, strict=True):
-            view = buf.raw()
+        for view, size in zip(views, sizes, strict=True):
             done = 0
             while done < size:
-                done += os.pwrite(segment.fd, view[done:], offset + done)
+                done += os.pwrite(segment.fd, view[done : done + _MAX_IO], offset + done)
             offset += size
     except BaseException:
         segment.close()
         for fd in user_fds:
             os.close(fd)
         raise
-    head = _HEAD.pack(kind, len(sizes), len(user_fds), task_id, seconds)
+    head = _HEAD.pack(kind, len(sizes), len(user_fds), len(regions), task_id, seconds)
     return Packed(head + struct.pack(f"={len(sizes)}Q", *sizes) + body, user_fds, segment)
+
+
+_LENGTH = struct.Struct("=I")
+
+
+def pack_batch(payloads: list[bytes]) -> bytes:
+    """Several fd-less packed messages as one (kind BATCH), for one send and one wake-up."""
+    parts = [_HEAD.pack(BATCH, 0, 0, 0, len(payloads), 0.0)]
+    for payload in payloads:
+        parts.append(_LENGTH.pack(len(payload)))
+        parts.append(payload)
+    return b"".join(parts)
+
+
+def unpack_batch(payload: bytes | bytearray) -> list[bytes | bytearray]:
+    count = _HEAD.unpack_from(payload)[4]
+    view = memoryview(payload)
+    out: list[bytes | bytearray] = []
+    offset = HEAD_SIZE
+    for _ in range(count):
+        (length,) = _LENGTH.unpack_from(payload, offset)
+        offset += 4
+        out.append(bytes(view[offset : offset + length]))
+        offset += length
+    return out
 
 
 def read_head(payload: bytes | bytearray) -> tuple[int, int, int, int, float]:
     """(kind, buffer count, user fd count, task id, seconds) of a packed message."""
-    kind, nbuf, nuser, task_id, seconds = _HEAD.unpack_from(payload)
+    kind, nbuf, nuser, _nregions, task_id, seconds = _HEAD.unpack_from(payload)
     return kind, nbuf, nuser, task_id, seconds
 
 
 def unpack(payload: bytes | bytearray, fds: list[int]) -> Any:
     """The object of a packed message; consumes (closes) *fds* in every case."""
-    _kind, nbuf, nuser, _task_id, _seconds = _HEAD.unpack_from(payload)
+    _kind, nbuf, nuser, nregions, _task_id, _seconds = _HEAD.unpack_from(payload)
     offset = HEAD_SIZE
     segment = None
+    segment_fd = -1
+    region_token = None
     try:
         buffers = None
         if nbuf:
@@ -236,18 +329,30 @@ def unpack(payload: bytes | bytearray, fds: list[int]) -> Any:
             offset += 8 * nbuf
             segment_fd = fds[nuser]
             fds = fds[:nuser]
-            segment = Segment.attach(segment_fd, sum(sizes))
-            buffers = []
-            start = 0
-            for size in sizes:
-                buffers.append(segment.buf[start : start + size])
+            nbuffers = nbuf - nregions
+            start = sum(sizes[:nbuffers])
+            if nbuffers:
+                segment = Segment.attach(os.dup(segment_fd), start)
+                buffers = []
+                start = 0
+                for size in sizes[:nbuffers]:
+                    buffers.append(segment.buf[start : start + size])
+                    start += size
+            spans = []
+            for size in sizes[nbuffers:]:
+                spans.append((start, size))
                 start += size
+            region_token = _REGIONS_IN.set((segment_fd, spans))
         body = memoryview(payload)[offset:]
         if nuser:
             with received_fds(fds):
                 return pickle.loads(body, buffers=buffers)
         return pickle.loads(body, buffers=buffers)
     finally:
+        if region_token is not None:
+            _REGIONS_IN.reset(region_token)
+        if segment_fd >= 0:
+            os.close(segment_fd)
         for fd in fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
