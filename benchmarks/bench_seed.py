@@ -9,7 +9,8 @@
         SIGTERM; the pool ends with the app's lifespan; survivors killed by PID
 
 Variants: `/` alone (no load), `/cpu` inline, `/cpu` via run_in_executor with
-ProcessPoolExecutor(2), `/cpu` via allcores' Pool(max_workers=2).run, and the hook for
+ProcessPoolExecutor(2), `/cpu` via allcores' Pool(max_workers=2).run (its workers at
+its default niceness, and at nice=0 like the stdlib pool's), and the hook for
 `allcores serve` (SEED_MODE=offload under that server), which runs only once the
 `allcores serve` command exists.
 """
@@ -29,12 +30,13 @@ from procs import free_port, start_server, stop_server
 from report import fmt, ratio, summarize, table
 from wrk import finish_wrk, run_wrk, start_wrk
 
-VARIANTS = ["alone", "inline", "ppe", "allcores", "allcores-serve"]
+VARIANTS = ["alone", "inline", "ppe", "allcores", "allcores-nice0", "allcores-serve"]
 LABELS = {
     "alone": "`/` alone, no load",
     "inline": "`/cpu` inline (blocks the loop)",
     "ppe": "`/cpu` via run_in_executor(ProcessPoolExecutor(2))",
     "allcores": "`/cpu` via allcores Pool(max_workers=2).run",
+    "allcores-nice0": "`/cpu` via allcores Pool(max_workers=2, nice=0).run",
     "allcores-serve": "`allcores serve`, `/cpu` via offload",
 }
 # The `/cpu` load starts this long before `/` is measured and ends this long after, so
@@ -69,8 +71,10 @@ def serve_available(project_python: str) -> bool:
 def available_variants(s: SeedSettings) -> dict[str, str | None]:
     """Each variant → None when it can run, or why it cannot."""
     why: dict[str, str | None] = dict.fromkeys(s.variants)
-    if "allcores" in why and not allcores_has("from allcores.pool import Pool", s.project_python):
-        why["allcores"] = "allcores.pool.Pool is not importable yet"
+    if not allcores_has("from allcores.pool import Pool", s.project_python):
+        for variant in ("allcores", "allcores-nice0"):
+            if variant in why:
+                why[variant] = "allcores.pool.Pool is not importable yet"
     if "allcores-serve" in why and not serve_available(s.project_python):
         why["allcores-serve"] = "`allcores serve` is not built yet"
     return why
@@ -83,7 +87,7 @@ def _argv(variant: str, port: int, s: SeedSettings) -> tuple[list[str], str]:
     if variant in ("alone", "inline", "ppe"):
         mode = "inline" if variant == "alone" else variant
         return [s.anchors_python, "-m", "uvicorn", "seed_app:app", *uvicorn_flags], mode
-    if variant == "allcores":
+    if variant in ("allcores", "allcores-nice0"):
         return [s.project_python, "-m", "uvicorn", "seed_app:app", *uvicorn_flags], "allcores"
     if variant == "allcores-serve":
         # The CLI of ARCHITECTURE.md: `allcores serve app:app --workers N --bind host:port`.
@@ -97,6 +101,9 @@ def measure_sample(variant: str, s: SeedSettings, run_index: int) -> dict[str, A
     port = free_port()
     argv, mode = _argv(variant, port, s)
     env = {**os.environ, "SEED_MODE": mode, "SEED_CPU_N": str(s.cpu_n), "PYTHONPATH": str(APPS_DIR)}
+    env.pop("SEED_POOL_NICE", None)
+    if variant == "allcores-nice0":
+        env["SEED_POOL_NICE"] = "0"
     base = f"http://127.0.0.1:{port}"
     sample: dict[str, Any] = {"variant": variant, "run": run_index, "error": None}
     log_path = RESULTS_DIR / "logs" / f"seed-{variant}-{run_index}.log"
@@ -150,21 +157,7 @@ def run_seed_benchmark(s: SeedSettings) -> dict[str, Any]:
                 )
             )
             print(f"  [{run_index + 1}/{s.runs}] {variant:15} {shown}", file=sys.stderr)
-    summary: dict[str, Any] = {}
-    for variant in s.variants:
-        ok = [x for x in samples if x["variant"] == variant and not x["error"]]
-        summary[variant] = {
-            "skipped": why[variant],
-            "hello_rps": summarize([x["hello_rps"] for x in ok]),
-            "hello_p50_ms": summarize(
-                [x["hello_p50_ms"] for x in ok if x["hello_p50_ms"] is not None]
-            ),
-            "hello_p99_ms": summarize(
-                [x["hello_p99_ms"] for x in ok if x["hello_p99_ms"] is not None]
-            ),
-            "cpu_rps": summarize([x["cpu_rps"] for x in ok if "cpu_rps" in x]),
-            "errors": [x["error"] for x in samples if x["variant"] == variant and x["error"]],
-        }
+    summary = summaries(samples, s.variants, why)
     return {
         "settings": {
             "runs": s.runs,
@@ -178,23 +171,45 @@ def run_seed_benchmark(s: SeedSettings) -> dict[str, Any]:
         },
         "samples": samples,
         "summary": summary,
-        "goals": _goals(summary),
+        "goals": goals(summary),
     }
 
 
-def _goals(summary: dict[str, Any]) -> list[dict[str, Any]]:
+def summaries(
+    samples: list[dict[str, Any]], variants: list[str], why: dict[str, str | None]
+) -> dict[str, Any]:
+    """Median and spread per variant; ``why`` says which variants were skipped and why."""
+    summary: dict[str, Any] = {}
+    for variant in variants:
+        ok = [x for x in samples if x["variant"] == variant and not x["error"]]
+        summary[variant] = {
+            "skipped": why[variant],
+            "hello_rps": summarize([x["hello_rps"] for x in ok]),
+            "hello_p50_ms": summarize(
+                [x["hello_p50_ms"] for x in ok if x["hello_p50_ms"] is not None]
+            ),
+            "hello_p99_ms": summarize(
+                [x["hello_p99_ms"] for x in ok if x["hello_p99_ms"] is not None]
+            ),
+            "cpu_rps": summarize([x["cpu_rps"] for x in ok if "cpu_rps" in x]),
+            "errors": [x["error"] for x in samples if x["variant"] == variant and x["error"]],
+        }
+    return summary
+
+
+def goals(summary: dict[str, Any]) -> list[dict[str, Any]]:
     """BENCHMARKS.md: vs the ProcessPoolExecutor variant, `/` p99 ≤ 0.5x, `/` req/s ≥ 1.5x,
     `/cpu` req/s ≥ 1.0x (the target is for `allcores serve`; the Pool variant is shown too)."""
     ppe = summary.get("ppe")
-    goals = []
-    for variant in ("allcores", "allcores-serve"):
+    out = []
+    for variant in ("allcores", "allcores-nice0", "allcores-serve"):
         mine = summary.get(variant)
         if ppe is None or mine is None or mine["skipped"]:
             continue
         p99 = ratio(mine["hello_p99_ms"]["median"], ppe["hello_p99_ms"]["median"])
         rps = ratio(mine["hello_rps"]["median"], ppe["hello_rps"]["median"])
         cpu = ratio(mine["cpu_rps"]["median"], ppe["cpu_rps"]["median"])
-        goals.append(
+        out.append(
             {
                 "variant": variant,
                 "hello_p99_ratio": p99,
@@ -205,7 +220,7 @@ def _goals(summary: dict[str, Any]) -> list[dict[str, Any]]:
                 "cpu_rps_met": None if cpu is None else cpu >= 1.0,
             }
         )
-    return goals
+    return out
 
 
 def render(result: dict[str, Any]) -> str:

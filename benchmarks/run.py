@@ -5,6 +5,7 @@
     python benchmarks/run.py pool --repeats 3            PPE, loky, pebble, anyio, allcores
     python benchmarks/run.py seed --runs 3               the seed's /cpu-versus-/ experiment
     python benchmarks/run.py pool --quick                tiny settings: proves the harness runs
+    python benchmarks/run.py report results/pool-….json  the tables again, from the samples
 
 Run it with the project's interpreter (.venv-3.11/bin/python): allcores runs from it,
 the anchors from benchmarks/.anchors-venv, which `setup` (or any subcommand) builds with
@@ -16,6 +17,7 @@ commands that made them are in docs/PERFORMANCE.md.
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -51,6 +53,12 @@ def _parser() -> argparse.ArgumentParser:
         )
 
     sub.add_parser("setup", help="build the anchors' venv and install wrk")
+
+    report = sub.add_parser("report", help="recompute and print the tables of a result file")
+    report.add_argument("result", type=Path, help="a JSON file this harness wrote")
+    report.add_argument(
+        "--write", action="store_true", help="store the recomputed summary in the file"
+    )
 
     http = sub.add_parser("http", help="hello world under each server")
     common(http)
@@ -121,8 +129,33 @@ def _shown_path(path: str) -> str:
     return str(absolute.relative_to(root)) if absolute.is_relative_to(root) else path
 
 
+def report(path: Path, write: bool) -> str:
+    """Recompute summary and goals from a result file's samples, and render its tables."""
+    result = json.loads(path.read_text())
+    settings, samples = result["settings"], result["samples"]
+    if result["benchmark"] == "http":
+        result["summary"] = bench_http.summaries(samples, settings["servers"])
+        result["goals"] = bench_http.goals(result["summary"])
+        text = bench_http.render(result)
+    elif result["benchmark"] == "pool":
+        result["summary"] = bench_pool.summaries(samples, settings["workloads"], settings["pools"])
+        result["goals"] = bench_pool.goals(result["summary"])
+        text = bench_pool.render(result)
+    else:
+        why = {v: st["skipped"] for v, st in result["summary"].items()}
+        result["summary"] = bench_seed.summaries(samples, list(why), why)
+        result["goals"] = bench_seed.goals(result["summary"])
+        text = bench_seed.render(result)
+    if write:
+        path.write_text(json.dumps(result, indent=2) + "\n")
+    return f"{text}\n\n{result['date']}: {result['command']}"
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    if args.command == "report":
+        print(report(args.result, args.write))
+        return
     if args.command == "setup":
         print(bench_env.ensure_anchors_venv())
         print(bench_env.ensure_wrk() or "wrk could not be installed")

@@ -3,7 +3,7 @@
 SEED_MODE chooses where `/cpu` runs:
     inline    in the event loop (blocks every other request)
     ppe       loop.run_in_executor(ProcessPoolExecutor(2)), the stdlib answer
-    allcores  await allcores.pool.Pool(max_workers=2).run(...)
+    allcores  await allcores.pool.Pool(max_workers=2).run(...) (SEED_POOL_NICE sets nice=)
     offload   await allcores.offload(...) (the pool `allcores serve` shares); the hook for
               the `allcores serve` variant, which runs this app under that server
 
@@ -66,7 +66,11 @@ async def _lifespan(receive: Receive, send: Send) -> None:
         elif MODE == "allcores":
             from allcores.pool import Pool
 
-            _pool = Pool(max_workers=POOL_WORKERS)
+            # SEED_POOL_NICE=0 runs the workers at the server's priority, to tell the
+            # cost of dispatch apart from the effect of the pool's default niceness.
+            nice = os.environ.get("SEED_POOL_NICE")
+            extra = {"nice": int(nice)} if nice else {}
+            _pool = Pool(max_workers=POOL_WORKERS, **extra)
         await send({"type": "lifespan.startup.complete"})
     message = await receive()
     if message["type"] == "lifespan.shutdown":
