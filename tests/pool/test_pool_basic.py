@@ -255,3 +255,19 @@ def test_workers_are_children_until_shutdown(pool: Pool) -> None:
     assert set(pids) <= children
     pool.shutdown()
     assert not wait_gone(pids)
+
+
+def test_two_pools_shut_down_independently() -> None:
+    """A worker of the second pool must not hold the first pool's channels open."""
+    first, second = Pool(1), Pool(1)
+    try:
+        assert first.submit(helpers.add, 1).result(timeout=30) == 2
+        assert second.submit(helpers.add, 2).result(timeout=30) == 3
+        closer = threading.Thread(target=first.shutdown, daemon=True)
+        closer.start()
+        closer.join(30)
+        assert not closer.is_alive()
+        assert second.submit(helpers.add, 3).result(timeout=30) == 4
+    finally:
+        second.shutdown()
+        first.shutdown()

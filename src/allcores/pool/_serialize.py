@@ -34,7 +34,8 @@ from typing import Any
 
 import cloudpickle
 
-from allcores.shm.segment import Segment, fd_transfer, received_fds
+from allcores.shm.segment import _OUTGOING as _OUTGOING_FDS
+from allcores.shm.segment import Segment, received_fds
 
 __all__ = [
     "OOB_THRESHOLD",
@@ -249,13 +250,17 @@ def pack(kind: int, task_id: int, obj: Any, seconds: float = 0.0) -> Packed:
     """Pickle *obj* into a message; raises what pickling raises (nothing is left open)."""
     oob: list[pickle.PickleBuffer] = []
     regions: list[Any] = []
-    token = _REGIONS_OUT.set(regions)
+    seen_fds: list[int] = []
+    # The context variables behind `fd_transfer`, set directly: the context manager
+    # alone cost 3 µs of the 5 µs this took per tiny task.
+    fds_token = _OUTGOING_FDS.set(seen_fds)
+    regions_token = _REGIONS_OUT.set(regions)
     try:
-        with fd_transfer() as seen_fds:
-            body = _dumps(obj, oob, regions)
-            user_fds = [os.dup(fd) for fd in seen_fds]
+        body = _dumps(obj, oob, regions)
     finally:
-        _REGIONS_OUT.reset(token)
+        _REGIONS_OUT.reset(regions_token)
+        _OUTGOING_FDS.reset(fds_token)
+    user_fds = [os.dup(fd) for fd in seen_fds] if seen_fds else seen_fds
     if not oob and not regions:
         return Packed(
             _HEAD.pack(kind, 0, len(user_fds), 0, task_id, seconds) + body, user_fds, None

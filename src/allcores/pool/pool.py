@@ -282,6 +282,21 @@ def _new_event_loop() -> asyncio.AbstractEventLoop:
         return asyncio.new_event_loop()
 
 
+def _join_os_thread(thread: threading.Thread) -> None:
+    """Join *thread* and wait until the OS has removed it too.
+
+    `Thread.join` returns a moment before the kernel thread is gone; a pool created
+    right after would still count two threads and start its workers by forkserver
+    (60 ms) instead of fork. The wait is bounded (50 ms) and usually a few µs.
+    """
+    native_id = thread.native_id
+    thread.join()
+    path = f"/proc/self/task/{native_id}"
+    deadline = time.monotonic() + 0.05
+    while native_id is not None and os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.0002)
+
+
 _LIVE_POOLS: weakref.WeakSet[Pool] = weakref.WeakSet()
 
 
@@ -1111,7 +1126,7 @@ class Pool(concurrent.futures.Executor):
         if wait:
             self._closed.wait()
             if self._private_thread is not None:
-                self._private_thread.join()
+                _join_os_thread(self._private_thread)
 
     async def aclose(self, *, cancel_futures: bool = False) -> None:
         """Shut down and wait for every worker to exit, without blocking the loop."""
@@ -1130,7 +1145,9 @@ class Pool(concurrent.futures.Executor):
         self._call(start)
         await asyncio.wrap_future(done)
         if self._private_thread is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._private_thread.join)
+            await asyncio.get_running_loop().run_in_executor(
+                None, _join_os_thread, self._private_thread
+            )
 
     # ── public API: Executor ───────────────────────────────────────────────────
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import multiprocessing
 import multiprocessing.context
 import multiprocessing.forkserver
@@ -43,6 +44,11 @@ from allcores.pool.backends.base import (
 __all__ = ["ProcessBackend", "ProcessWorker", "choose_start_method"]
 
 _START_METHODS = ("fork", "forkserver", "spawn")
+# The parent's ends of every live worker channel of every pool in this process. A
+# forked worker closes them all: one that held another worker's end would hide
+# that worker's shutdown (no EOF) and its parent's death.
+_PARENT_FDS: dict[int, int] = {}
+_WORKER_KEYS = itertools.count()
 # After the sentinel says a worker died, how long its channel may stay open before
 # the exit is handled anyway: EOF normally follows within microseconds, but a
 # grandchild that inherited the socket would hold it open forever.
@@ -204,8 +210,6 @@ class ProcessBackend(Backend):
         self.forced_start_method = start_method
         self.nice = nice
         self.last_start_method: str | None = None
-        # The parent's ends of live workers' channels, closed in forked children.
-        self._parent_fds: dict[int, int] = {}
 
     def start_is_slow(self) -> bool:
         return choose_start_method(self.forced_start_method) != "fork"
@@ -220,7 +224,7 @@ class ProcessBackend(Backend):
         close_in_child: list[int] = []
         parent_pid: int | None = None
         if method == "fork":
-            close_in_child = [*self._parent_fds.values(), parent_sock.fileno()]
+            close_in_child = [*_PARENT_FDS.values(), parent_sock.fileno()]
             parent_pid = os.getpid()
         process = ctx.Process(  # type: ignore[attr-defined]
             target=_process_worker.main,
@@ -235,8 +239,8 @@ class ProcessBackend(Backend):
         # The SETUP frame goes first, before the loop owns the socket.
         Channel(parent_sock, raw=True).send_bytes(setup, setup_fds)
         parent_sock.setblocking(False)
-        self._parent_fds[worker_id] = parent_sock.fileno()
-        return ProcessWorker(worker_id, process, parent_sock, self._forget)
-
-    def _forget(self, worker_id: int) -> None:
-        self._parent_fds.pop(worker_id, None)
+        key = next(_WORKER_KEYS)
+        _PARENT_FDS[key] = parent_sock.fileno()
+        return ProcessWorker(
+            worker_id, process, parent_sock, lambda _id: _PARENT_FDS.pop(key, None)
+        )
