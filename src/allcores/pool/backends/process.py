@@ -241,6 +241,8 @@ class ProcessBackend(Backend):
         parent_sock.setblocking(False)
         key = next(_WORKER_KEYS)
         _PARENT_FDS[key] = parent_sock.fileno()
-        return ProcessWorker(
-            worker_id, process, parent_sock, lambda _id: _PARENT_FDS.pop(key, None)
-        )
+
+        def forget(_worker_id: int) -> None:
+            _PARENT_FDS.pop(key, None)
+
+        return ProcessWorker(worker_id, process, parent_sock, forget)
