@@ -47,13 +47,13 @@ __all__ = [
     "wrap_large_bytes",
 ]
 
-# Buffers from this size up travel through a memfd segment instead of the socket.
-# Measured on the 2-core dev box (Python 3.11, /tmp/oob_threshold.py, one round trip
-# of a bytearray through a pool worker): at 64 KiB in-band and memfd are level
-# (~95 µs each); at 256 KiB memfd wins by ~1.4x and at 1 MiB by ~2.5x, because the
-# socket copies the data twice each way and memfd + pwrite/mmap once, whereas below
-# 64 KiB the memfd_create/ftruncate/mmap/munmap syscalls cost more than the copy saves.
-OOB_THRESHOLD = 64 * 1024
+# Buffers from this size up travel through a memfd instead of the socket. Measured
+# on the 2-core dev box, 2026-11-28 (/tmp/oob_threshold.py: a bytearray argument's
+# round trip through one worker, median of 5 x 20, µs, in band vs memfd):
+# 64 KiB 396 vs 398, 128 KiB 520 vs 559, 256 KiB 1026 vs 819, 1 MiB 3823 vs 1890,
+# 4 MiB 14475 vs 6225. The crossover lies between 128 and 256 KiB: below it the
+# memfd_create/ftruncate/pwrite/close syscalls cost more than the socket's copies.
+OOB_THRESHOLD = 192 * 1024
 
 # kind, out-of-band parts, Segment fds, of which regions, task id, run seconds.
 _HEAD = struct.Struct("=BxHHHqd")
