@@ -832,7 +832,7 @@ class Pool(concurrent.futures.Executor):
                     "await pool.wait_for_room() before submitting, or raise max_queue"
                 )
             self._queued += 1
-        self._counts["submitted"] += 1
+            self._counts["submitted"] += 1
 
     def _unreserve(self) -> None:
         with self._count_lock:
