@@ -142,11 +142,15 @@ def measure_sample(name: str, s: HttpSettings, run_index: int) -> dict[str, Any]
         workers = worker_processes(server)
         tree = server.tree()
         cpu_before = tree_cpu_seconds(tree)
+        top_before = tree_cpu_seconds(tree[:1])
         sampler = ConnectionSampler(lambda: connections_per_pid(server), s.duration_s)
         sampler.start()
         result = run_wrk(s.wrk, url, s.connections, s.duration_s)
         sampler.stop()
         cpu = tree_cpu_seconds(tree) - cpu_before
+        # The top process: uvicorn's supervisor, gunicorn's arbiter, allcores' primary
+        # (which accepts and passes every connection under balanced and rr).
+        top_cpu = tree_cpu_seconds(tree[:1]) - top_before
         counts = sampler.best
         per_worker = {str(p.pid): counts.get(p.pid, 0) for p in workers}
         if counts.get(top_pid):
@@ -155,6 +159,7 @@ def measure_sample(name: str, s: HttpSettings, run_index: int) -> dict[str, Any]
         sample.update(
             server_cpu_s=cpu,
             server_cpu_us_per_request=cpu / result.requests * 1e6 if result.requests else None,
+            top_cpu_us_per_request=top_cpu / result.requests * 1e6 if result.requests else None,
             wrk_cpu_share=result.wrk_cpu_s / (s.duration_s * (os.cpu_count() or 1)),
             connections_per_worker=per_worker,
             worker_pids=[p.pid for p in workers],
@@ -208,6 +213,7 @@ def summaries(samples: list[dict[str, Any]], servers: list[str]) -> dict[str, di
             "p50_ms": _median([x["p50_ms"] for x in ok]),
             "p99_ms": _median([x["p99_ms"] for x in ok]),
             "server_cpu_us_per_request": _median([x["server_cpu_us_per_request"] for x in ok]),
+            "top_cpu_us_per_request": _median([x.get("top_cpu_us_per_request") for x in ok]),
             "wrk_cpu_share": _median([x["wrk_cpu_share"] for x in ok]),
             "connections_per_worker": [
                 sorted(x["connections_per_worker"].values(), reverse=True) for x in ok
@@ -281,6 +287,7 @@ def render(result: dict[str, Any]) -> str:
                 st["worst_ratio_to_uvicorn"],
                 st["paired_ratio_to_uvicorn"]["median"],
                 st["server_cpu_us_per_request"],
+                st.get("top_cpu_us_per_request"),
                 st["wrk_cpu_share"],
                 splits or ("error" if st["errors"] else "-"),
             ]
@@ -303,6 +310,7 @@ def render(result: dict[str, Any]) -> str:
         "worst x uvicorn",
         "paired x uvicorn",
         "server CPU µs/req",
+        "of which top process",
         "wrk CPU share",
         "connections per worker, each run",
     ]
