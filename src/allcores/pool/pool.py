@@ -847,6 +847,17 @@ class Pool(concurrent.futures.Executor):
         self._queue.append(task)
         self._pump()
 
+    def _enqueue_from_thread(self, task: _Task) -> None:
+        """`_enqueue` for a task handed over from another thread: sent at once.
+
+        Sends wait for the end of the loop iteration so that tasks dispatched together
+        share a frame; a task handed over from another thread has no company coming,
+        and one more loop iteration would only add to its latency.
+        """
+        self._enqueue(task)
+        if self._to_flush:
+            self._flush()
+
     def _pump(self) -> None:
         queue = self._queue
         idle = self._idle
@@ -1174,7 +1185,10 @@ class Pool(concurrent.futures.Executor):
         future: concurrent.futures.Future[R] = concurrent.futures.Future()
         task.future = future
         try:
-            self._call(self._enqueue, task)
+            if self._on_loop_thread():
+                self._enqueue(task)
+            else:
+                self._call(self._enqueue_from_thread, task)
         except BaseException:
             self._unreserve()
             task.packed.close()
