@@ -157,7 +157,8 @@ class AnyioAdapter(Adapter):
     def run(self, pool: Any, fn: Callable[..., Any], *args: Any) -> Awaitable[Any]:
         from anyio import to_process
 
-        return to_process.run_sync(fn, *args, limiter=pool)
+        result: Awaitable[Any] = to_process.run_sync(fn, *args, limiter=pool)
+        return result
 
     def shutdown(self, pool: Any) -> None:
         """anyio's worker processes end with the event loop that started them."""

@@ -28,8 +28,10 @@ def serve_in_worker() -> None:
     config.load()
     state = uvicorn.server.ServerState()
 
+    protocol_class: Any = config.http_protocol_class  # typed as a bare asyncio.Protocol
+
     def factory() -> Any:
-        return config.http_protocol_class(config=config, server_state=state, app_state={})
+        return protocol_class(config=config, server_state=state, app_state={})
 
     async def main() -> None:
         server = await cluster.start_server(protocol_factory=factory, host="127.0.0.1", port=PORT)

@@ -69,8 +69,10 @@ async def _lifespan(receive: Receive, send: Send) -> None:
             # SEED_POOL_NICE=0 runs the workers at the server's priority, to tell the
             # cost of dispatch apart from the effect of the pool's default niceness.
             nice = os.environ.get("SEED_POOL_NICE")
-            extra = {"nice": int(nice)} if nice else {}
-            _pool = Pool(max_workers=POOL_WORKERS, **extra)
+            if nice:
+                _pool = Pool(max_workers=POOL_WORKERS, nice=int(nice))
+            else:
+                _pool = Pool(max_workers=POOL_WORKERS)
         await send({"type": "lifespan.startup.complete"})
     message = await receive()
     if message["type"] == "lifespan.shutdown":
