@@ -99,6 +99,7 @@ class PoolSettings:
     workloads: list[str]
     anchors_python: str
     project_python: str
+    workers: int = 2
 
 
 def _measure_once(
@@ -138,7 +139,7 @@ def _measure_once(
 
 
 def run_pool_benchmark(settings: PoolSettings) -> dict[str, Any]:
-    params = QUICK_PARAMS if settings.quick else FULL_PARAMS
+    params = {**(QUICK_PARAMS if settings.quick else FULL_PARAMS), "workers": settings.workers}
     timeout = QUICK_TIMEOUT_S if settings.quick else FULL_TIMEOUT_S
     samples: list[dict[str, Any]] = []
     for repeat in range(settings.repeats):
@@ -163,7 +164,7 @@ def run_pool_benchmark(settings: PoolSettings) -> dict[str, Any]:
             "pools": settings.pools,
             "workloads": settings.workloads,
             "params": params,
-            "workers": 2,
+            "workers": settings.workers,
         },
         "samples": samples,
         "summary": summary,
@@ -320,7 +321,8 @@ def render(result: dict[str, Any]) -> str:
     payload_mib = result["settings"]["params"]["payload_mib"]
     text = [
         f"median of {result['settings']['repeats']} interleaved repeats, ± half the spread "
-        f"(max - min) / median; bytes payload {payload_mib} MiB; 2 workers each",
+        f"(max - min) / median; bytes payload {payload_mib} MiB; "
+        f"{result['settings']['workers']} workers each",
         table(["workload", *pools], rows),
         "",
         table(

@@ -28,7 +28,8 @@ from typing import Any
 
 from bench_tasks import cpu_sum, echo, inc
 
-# Both sides get the same number of workers: the machine has 2 cores.
+# Every pool gets the same number of workers; 2 matches this machine's 2 cores, and
+# ``workers`` in --params changes it (a larger machine, when one is lent).
 WORKERS = 2
 # Tasks sent before timing starts, so every worker is up and every import is done.
 WARMUP_TASKS = 20
@@ -388,7 +389,10 @@ def main() -> None:
     parser.add_argument("--workload", required=True)
     parser.add_argument("--params", required=True, help="JSON object of workload sizes")
     args = parser.parse_args()
-    result = measure(args.pool, args.workload, json.loads(args.params))
+    params = json.loads(args.params)
+    global WORKERS
+    WORKERS = int(params.get("workers", WORKERS))
+    result = measure(args.pool, args.workload, params)
     sys.stdout.write(json.dumps(result) + "\n")
 
 

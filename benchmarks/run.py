@@ -77,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     pool = sub.add_parser("pool", help="task pools side by side")
     common(pool)
     pool.add_argument("--repeats", type=int, default=3)
+    pool.add_argument("--workers", type=int, default=2, help="workers of every pool")
     pool.add_argument("--pools", default=",".join(bench_pool.POOLS))
     pool.add_argument("--workloads", default=",".join(bench_pool.WORKLOADS))
 
@@ -174,6 +175,7 @@ def main(argv: list[str] | None = None) -> None:
             workloads=_split(args.workloads, bench_pool.WORKLOADS),
             anchors_python=anchors,
             project_python=project,
+            workers=args.workers,
         )
         env = bench_env.describe_environment(anchors, None)
         result = bench_pool.run_pool_benchmark(settings)
