@@ -126,6 +126,8 @@ async def worker_main() -> None:
         print(f"worker {me.id}: cannot boot: missing configuration APP_SECRET", file=sys.stderr)
         sys.exit(3)
     os.write(1, f"worker {me.id} up\n".encode())  # not JSON: ignored by the event reader
+    # A slow boot (imports, warm-up) that a stop may interrupt; blocking on purpose.
+    time.sleep(float(os.environ.get("APP_BOOT_DELAY", "0")))
     got: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
     def on_message(message: Any, handle: socket.socket | None) -> None:

@@ -302,3 +302,15 @@ def test_primary_exits_1_when_its_last_worker_dies_unplanned(start_cluster) -> N
         http_get(run.port, "/exit?code=7", timeout=5)
     assert run.wait_exit() == 1
     assert run.find("exit", code=7, planned=False)
+
+
+def test_stop_while_a_worker_boots_ends_cleanly(start_cluster) -> None:  # type: ignore[no-untyped-def]
+    run = start_cluster(workers=1, wait_listening=False, APP_BOOT_DELAY="1")
+    run.wait_for("online")
+    # The disconnect reaches the worker before it serves: its start_server() returns a
+    # finished server, so it exits 0 at once instead of waiting out the grace period.
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.wait_exit(timeout=15) == 0
+    (exit_event,) = run.find("exit")
+    assert exit_event["code"] == 0 and exit_event["planned"] is True
+    assert run.find("worker-done")

@@ -696,7 +696,7 @@ class Primary(EventEmitter):
         policy = self.settings.scheduling_policy
         reply: dict[str, Any] = {"t": "listening", "req": request.get("req"), "policy": policy}
         if self._stopping or worker.state in ("disconnecting", "disconnected"):
-            reply["error"] = "the cluster is stopping"
+            reply["stopping"] = True
             self._send(worker, reply)
             return
         key = (host, port)

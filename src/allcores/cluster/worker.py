@@ -21,16 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
-import signal
 import socket
-import sys
 import threading
 import types
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from allcores._system import die_with_parent
 from allcores.cluster.listeners import Address
 from allcores.errors import AllcoresError, ChannelError
 from allcores.events import EventEmitter
@@ -43,25 +41,9 @@ __all__ = ["ClusterServer", "WorkerRuntime"]
 ProtocolFactory = Callable[[], asyncio.BaseProtocol]
 StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None] | None]
 
-_PR_SET_PDEATHSIG = 1
-
 
 class WorkerError(AllcoresError):
     """A worker-side cluster call failed (listen refused, used outside a worker, ...)."""
-
-
-def _arm_parent_death_signal(primary_pid: int) -> None:
-    """Die with the primary, even if it is SIGKILLed (Linux); EOF on the channel
-    covers every other OS once the loop reads it."""
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        except (OSError, AttributeError):
-            pass
-    if os.getppid() != primary_pid:
-        # The primary died before the signal was armed.
-        os._exit(1)
 
 
 class ClusterServer:
@@ -119,7 +101,7 @@ class WorkerRuntime(EventEmitter):
         super().__init__()
         self.id = worker_id
         self.exited_after_disconnect = False
-        _arm_parent_death_signal(primary_pid)
+        die_with_parent(primary_pid)
         self._sock = socket.socket(fileno=channel_fd)
         self._blocking = Channel(self._sock)
         fd, rows, row = (int(part) for part in scoreboard.split(":"))
@@ -243,7 +225,7 @@ class WorkerRuntime(EventEmitter):
     ) -> dict[str, Any]:
         loop = self._attach()
         if self.disconnecting:
-            raise WorkerError("this worker is disconnecting; it takes no new listeners")
+            return {"stopping": True, "fds": []}
         self._next_request += 1
         req = self._next_request
         future: asyncio.Future[dict[str, Any]] = loop.create_future()
@@ -284,6 +266,12 @@ class WorkerRuntime(EventEmitter):
             protocol_factory = stream_protocol
         counted = self._counted(protocol_factory)
         reply = await self._request_listen(host, port, backlog)
+        if reply.get("stopping"):
+            # Told to stop while it was still booting: a server that is already done,
+            # so `await server.serve_forever()` returns and the worker exits 0.
+            stopped = ClusterServer(self, Address(host or "0.0.0.0", port, 4), "stopped")
+            stopped._finish()
+            return stopped
         address = Address(*reply["address"])
         server = ClusterServer(self, address, reply["policy"])
         if reply["fds"]:
@@ -301,6 +289,10 @@ class WorkerRuntime(EventEmitter):
     ) -> socket.socket:
         """The shared listening socket, for another server library (policies shared/reuseport)."""
         reply = await self._request_listen(host, port, backlog)
+        if reply.get("stopping"):
+            raise WorkerError(
+                "this worker is disconnecting (the cluster is stopping); not listening"
+            )
         if not reply["fds"]:
             if self._channel is not None:
                 self._channel.send({"t": "unlisten", "key": reply["key"]})
@@ -397,6 +389,10 @@ class WorkerRuntime(EventEmitter):
         self.disconnecting = True
         self.exited_after_disconnect = True
         self.row.set("state", RowState.STOPPING)
+        for future in self._requests.values():
+            if not future.done():
+                future.set_result({"stopping": True, "fds": []})
+        self._requests.clear()
         if tell_primary and self._channel is not None:
             self._channel.send({"t": "disconnecting"})
         servers = [server for server, _factory in self._servers.values()]

@@ -40,7 +40,6 @@ import asyncio
 import atexit
 import collections
 import contextlib
-import ctypes
 import importlib
 import logging
 import multiprocessing
@@ -58,8 +57,10 @@ from typing import Any, Literal
 
 import cloudpickle
 
+from allcores._system import die_with_parent, release_forkserver
 from allcores.errors import AllcoresError, ChannelClosed, ChannelError
 from allcores.ipc.channel import AsyncChannel, Channel, channel_pair
+from allcores.pool.backends.process import choose_start_method
 from allcores.pool.errors import RemoteTraceback
 from allcores.shm.segment import fd_transfer, received_fds
 
@@ -83,7 +84,6 @@ _EOF_GRACE_S = 1.0
 _REAP_POLL_S = 0.005
 # Interpreter exit waits this long for each killed worker to be reaped.
 _ATEXIT_REAP_S = 1.0
-_PR_SET_PDEATHSIG = 1
 _TARGET_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
@@ -265,15 +265,6 @@ class ParentPort:
                 listener(message)
 
 
-def _die_with_parent() -> None:
-    """Ask the kernel to SIGKILL us when our parent dies (Linux; elsewhere EOF does it)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
-
-
 def _reset_signals() -> None:
     # A forked worker inherits the parent's Python signal handlers and asyncio's
     # wakeup fd, which would write our signals into the parent's loop. SIGINT is
@@ -287,28 +278,9 @@ def _reset_signals() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _release_forkserver() -> None:
-    """Let the forkserver see our parent die, so PR_SET_PDEATHSIG can fire for us.
-
-    multiprocessing gives each forkserver child the write end of the pipe by which
-    the forkserver learns that the parent process is gone. While a worker holds it,
-    the forkserver outlives a SIGKILLed parent, and the worker (whose parent is the
-    forkserver) with it. Nothing in the worker needs that fd: a forkserver the worker
-    starts for itself gets its own pipe.
-    """
-    from multiprocessing import forkserver
-
-    server = forkserver._forkserver
-    alive_fd = getattr(server, "_forkserver_alive_fd", None)
-    if isinstance(alive_fd, int):
-        with contextlib.suppress(OSError):
-            os.close(alive_fd)
-        setattr(server, "_forkserver_alive_fd", None)  # noqa: B010
-
-
 def _worker_main(sock: socket.socket, spec: tuple[str, str | bytes], forked: bool) -> None:
     """The worker process's entry point (run by multiprocessing's bootstrap)."""
-    _die_with_parent()
+    die_with_parent(None)
     _reset_signals()
     if forked:
         # The parent ends of every channel, ours included, came with the fork; holding
@@ -317,8 +289,7 @@ def _worker_main(sock: socket.socket, spec: tuple[str, str | bytes], forked: boo
             if parent_end.fileno() >= 0:
                 with contextlib.suppress(OSError):
                     os.close(parent_end.detach())
-    else:
-        _release_forkserver()
+    release_forkserver()
     channel = Channel(sock, raw=True)
     try:
         payload, fds = channel.recv_bytes()
@@ -380,16 +351,6 @@ def _private_loop() -> asyncio.AbstractEventLoop:
         return _event_loop
 
 
-def _start_method() -> str:
-    # fork is fast (no re-import) but only safe while this process has a single OS
-    # thread: a lock held by another thread at fork time would stay held in the child.
-    try:
-        single = len(os.listdir("/proc/self/task")) == 1
-    except OSError:
-        single = False
-    return "fork" if single else "forkserver"
-
-
 def _on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:
     """Run fn(*args) on *loop*: now if we are in it, else at its next turn."""
     try:
@@ -433,7 +394,9 @@ class Worker:
     ) -> None:
         spec = _target_spec(target)
         init_payload, init_fds = _encode(("init", worker_data), "worker_data")
-        method = _start_method()
+        # fork is fast (no re-import) but only safe while this process has one OS
+        # thread; otherwise the forkserver starts it, as the pool does.
+        method = choose_start_method()
         self._listeners: dict[str, list[tuple[Listener, bool]]] = {e: [] for e in _EVENTS}
         self._inbox: collections.deque[Any] = collections.deque()
         self._message_waiters: list[asyncio.Future[Any]] = []

@@ -30,6 +30,7 @@ import os
 import socket
 from collections.abc import Callable, Sequence
 
+from allcores._system import os_thread_count
 from allcores.ipc.channel import AsyncChannel, Channel, channel_pair
 from allcores.pool.backends import _process_worker
 from allcores.pool.backends.base import (
@@ -55,20 +56,11 @@ _WORKER_KEYS = itertools.count()
 _EOF_GRACE = 0.1
 
 
-def _os_threads() -> int:
-    try:
-        return len(os.listdir("/proc/self/task"))
-    except OSError:
-        import threading
-
-        return threading.active_count()
-
-
 def choose_start_method(forced: str | None = None) -> str:
     """fork when safe (one OS thread, counting C threads), else forkserver."""
     if forced is not None:
         return forced
-    if "fork" in multiprocessing.get_all_start_methods() and _os_threads() == 1:
+    if "fork" in multiprocessing.get_all_start_methods() and os_thread_count() == 1:
         return "fork"
     if "forkserver" in multiprocessing.get_all_start_methods():
         return "forkserver"
