@@ -136,12 +136,20 @@ async def test_cancelling_a_prefetched_task_only_drops_it() -> None:
 
 
 def test_sigkill_of_the_parent_ends_the_workers(tmp_path: object) -> None:
-    for body in ("pass", "pool.submit(int).result()"):  # fork only / with the loop thread
+    forkserver = "mp_context=multiprocessing.get_context('forkserver')"
+    variants = [
+        ("", "pass"),  # forked, no thread yet
+        ("", "pool.submit(int).result()"),  # with the pool's loop thread
+        # Started by the forkserver, which must not keep them alive (its "alive" fd):
+        # a busy worker does not read its channel, only the parent-death signal ends it.
+        (forkserver, "pool.submit(time.sleep, 60); time.sleep(0.5)"),
+    ]
+    for options, body in variants:
         script = textwrap.dedent(
             f"""
-            import sys, time
+            import multiprocessing, sys, time
             from allcores.pool import Pool
-            pool = Pool(2)
+            pool = Pool(2, {options})
             {body}
             pool.submit(int).result()
             print(" ".join(map(str, pool.worker_pids())), flush=True)
