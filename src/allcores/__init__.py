@@ -7,27 +7,40 @@
 - `allcores.Worker`: Node's `Worker`, one long-lived process to converse with.
 - `allcores.SharedArray`: Node's SharedArrayBuffer.
 
-Everything else may change without notice.
+Everything else may change without notice. The names are imported on first use, so
+a pool user does not pay for the cluster's imports, nor a cluster worker for the
+pool's (it matters for start-up: see docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
 
-from allcores import cluster
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from allcores._system import available_cpus
 from allcores.errors import AllcoresError
-from allcores.pool import (
-    Pool,
-    QueueFullError,
-    TaskTimeoutError,
-    WorkerCrashedError,
-    offload,
-)
-from allcores.pool.messaging_worker import Worker
-from allcores.shm import SharedArray
+
+if TYPE_CHECKING:
+    from allcores import cluster
+    from allcores.pool import (
+        InitializerError,
+        Pool,
+        PoolClosedError,
+        PoolError,
+        QueueFullError,
+        TaskTimeoutError,
+        WorkerCrashedError,
+        offload,
+    )
+    from allcores.pool.messaging_worker import Worker
+    from allcores.shm import SharedArray
 
 __all__ = [
     "AllcoresError",
+    "InitializerError",
     "Pool",
+    "PoolClosedError",
+    "PoolError",
     "QueueFullError",
     "SharedArray",
     "TaskTimeoutError",
@@ -38,3 +51,32 @@ __all__ = [
     "offload",
 ]
 __version__ = "0.1.0"
+
+_LAZY = {
+    "cluster": ("allcores.cluster", None),
+    "InitializerError": ("allcores.pool", "InitializerError"),
+    "Pool": ("allcores.pool", "Pool"),
+    "PoolClosedError": ("allcores.pool", "PoolClosedError"),
+    "PoolError": ("allcores.pool", "PoolError"),
+    "QueueFullError": ("allcores.pool", "QueueFullError"),
+    "TaskTimeoutError": ("allcores.pool", "TaskTimeoutError"),
+    "WorkerCrashedError": ("allcores.pool", "WorkerCrashedError"),
+    "offload": ("allcores.pool", "offload"),
+    "Worker": ("allcores.pool.messaging_worker", "Worker"),
+    "SharedArray": ("allcores.shm", "SharedArray"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module_name, attribute = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'allcores' has no attribute {name!r}") from None
+    module = importlib.import_module(module_name)
+    value = module if attribute is None else getattr(module, attribute)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
