@@ -8,7 +8,13 @@ import os
 import signal
 import sys
 
-__all__ = ["available_cpus", "die_with_parent", "os_thread_count", "release_forkserver"]
+__all__ = [
+    "available_cpus",
+    "die_with_parent",
+    "os_thread_count",
+    "raise_fd_limit",
+    "release_forkserver",
+]
 
 _PR_SET_PDEATHSIG = 1
 
@@ -63,3 +69,16 @@ def release_forkserver() -> None:
         with contextlib.suppress(OSError):
             os.close(alive_fd)
         setattr(server, "_forkserver_alive_fd", None)  # noqa: B010
+
+
+def raise_fd_limit() -> None:
+    """Raise this process's soft limit on open files to its hard limit, as servers do:
+    many distributions still start processes with a soft limit of 1,024."""
+    try:
+        import resource
+    except ImportError:
+        return
+    with contextlib.suppress(ValueError, OSError):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -31,14 +31,17 @@ def least_busy_worker(candidates: Sequence[C], start: int, stale_after: float) -
         return None
     n = len(candidates)
     best: C | None = None
+    best_open = 0
     best_stale: C | None = None
+    best_stale_open = 0
     for offset in range(n):
         candidate = candidates[(start + offset) % n]
+        open_now = candidate.open_connections  # each read once: they come from shared memory
         if candidate.heartbeat_age <= stale_after:
-            if best is None or candidate.open_connections < best.open_connections:
-                best = candidate
-        elif best_stale is None or candidate.open_connections < best_stale.open_connections:
-            best_stale = candidate
+            if best is None or open_now < best_open:
+                best, best_open = candidate, open_now
+        elif best_stale is None or open_now < best_stale_open:
+            best_stale, best_stale_open = candidate, open_now
     return best if best is not None else best_stale
 
 

@@ -63,9 +63,17 @@ def who_holds_port(port: int) -> str:
 
 
 def bind_listener(
-    host: str | None, port: int, *, backlog: int = DEFAULT_BACKLOG, reuseport: bool = False
+    host: str | None,
+    port: int,
+    *,
+    backlog: int = DEFAULT_BACKLOG,
+    reuseport: bool = False,
+    listen: bool = True,
 ) -> socket.socket:
-    """A non-blocking TCP socket listening on (host, port); host None means all IPv4."""
+    """A non-blocking TCP socket listening on (host, port); host None means all IPv4.
+
+    ``listen=False`` only binds: the socket holds the port without taking connections.
+    """
     bind_host = host if host not in (None, "") else "0.0.0.0"
     try:
         infos = socket.getaddrinfo(
@@ -82,7 +90,8 @@ def bind_listener(
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(sockaddr)
-        sock.listen(backlog)
+        if listen:
+            sock.listen(backlog)
         sock.setblocking(False)
     except OSError as exc:
         sock.close()

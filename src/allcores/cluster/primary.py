@@ -41,6 +41,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from allcores._system import raise_fd_limit
 from allcores.cluster.balance import least_busy_worker, round_robin
 from allcores.cluster.listeners import Address, bind_listener
 from allcores.cluster.settings import ClusterSettings
@@ -66,6 +67,13 @@ _ACCEPT_BATCH = 64
 # Connections accepted while no worker can take one wait here (then the listener
 # stops accepting, and the kernel's backlog holds the rest).
 _PENDING_LIMIT = 1024
+# Seconds between the end of a worker's own drain and the primary's SIGKILL: time
+# for interpreter shutdown and atexit handlers, which take well under a second.
+_KILL_MARGIN = 2.0
+# While accepted connections wait for a worker, the primary retries this often: soon
+# enough that a worker back from a blocked loop gets them within a frame or two of
+# a human's patience, rare enough to cost nothing.
+_RETRY_PENDING = 0.05
 # Without pidfd (not Linux), exits are found by polling waitpid this often.
 _POLL_EXITS = 0.1
 
@@ -115,6 +123,7 @@ class Worker(EventEmitter):
         self.output: collections.deque[str] = collections.deque(maxlen=_OUTPUT_LINES)
         self._channel: AsyncChannel | None = None
         self._child_end: socket.socket | None = None
+        self._row: Row | None = None
         self._output_partial = b""
 
     @property
@@ -168,13 +177,20 @@ class Worker(EventEmitter):
 
     @property
     def open_connections(self) -> int:
-        closed = int(self._primary.scoreboard_row(self.row).get("connections_closed"))
-        return self.connections_sent - closed
+        assert self._row is not None
+        return self.connections_sent - int(self._row.get("connections_closed"))
 
     @property
     def heartbeat_age(self) -> float:
-        beat = self._primary.scoreboard_row(self.row).get("heartbeat")
+        assert self._row is not None
+        beat = self._row.get("heartbeat")
         return time.monotonic() - beat if beat > 0 else float("inf")
+
+    def can_take_connections(self) -> bool:
+        """Its channel is open and not backed up (a backed-up channel means its loop is
+        not reading: more fds would only pile up in the primary)."""
+        channel = self._channel
+        return channel is not None and not channel.closed and not channel.pending_writes
 
 
 class _Listener:
@@ -190,8 +206,12 @@ class _Listener:
         self.pending: collections.deque[socket.socket] = collections.deque()
         self.reading = False
         self.per_row: dict[int, socket.socket] = {}
+        self.retry: asyncio.TimerHandle | None = None
 
     def close(self) -> None:
+        if self.retry is not None:
+            self.retry.cancel()
+            self.retry = None
         for conn in self.pending:
             conn.close()
         self.pending.clear()
@@ -221,7 +241,7 @@ class Primary(EventEmitter):
         self._failure: str | None = None
         self._crash_times: collections.deque[float] = collections.deque()
         self._slot_crashes: dict[int, int] = {}
-        self._respawns_pending = 0
+        self._respawn_timers: set[asyncio.TimerHandle] = set()
         self._running = False
         self._ran = False
         self._atexit_registered = False
@@ -245,6 +265,9 @@ class Primary(EventEmitter):
     @property
     def scoreboard(self) -> Scoreboard:
         if self._scoreboard is None:
+            # First use: the primary is becoming a primary. Every connection it passes
+            # holds an fd for a moment, and a burst can be thousands.
+            raise_fd_limit()
             self._scoreboard = Scoreboard.create(self.settings.max_workers)
             self._free_rows = list(range(self.settings.max_workers - 1, -1, -1))
         return self._scoreboard
@@ -260,6 +283,9 @@ class Primary(EventEmitter):
 
     def fork(self, env: dict[str, str] | None = None) -> Worker:
         """Start a worker that runs this program again (or `settings.exec`)."""
+        return self._fork(env, None)
+
+    def _fork(self, env: dict[str, str] | None, preferred_row: int | None) -> Worker:
         if self._stopping:
             raise ClusterError("the cluster is stopping; it starts no new workers")
         loop = self.loop
@@ -269,9 +295,16 @@ class Primary(EventEmitter):
                 f"cannot start more than {self.settings.max_workers} workers at once "
                 "(ClusterSettings.max_workers)"
             )
-        row = self._free_rows.pop()
+        if preferred_row is not None and preferred_row in self._free_rows:
+            # A respawn takes its predecessor's row, and with it (under reuseport)
+            # the socket holding the connections queued for that row.
+            self._free_rows.remove(preferred_row)
+            row = preferred_row
+        else:
+            row = self._free_rows.pop()
         scoreboard.row(row).clear(state=RowState.STARTING)
         worker = Worker(self, self._next_id, row)
+        worker._row = scoreboard.row(row)
         self._next_id += 1
         parent_sock, child_sock = channel_pair()
         argv = self._worker_argv()
@@ -428,8 +461,9 @@ class Primary(EventEmitter):
             self._free_rows.sort(reverse=True)
         self._emit_both("exit", worker, code, sig)
         self._last_exit_unplanned = not worker.exited_after_disconnect and not self._stopping
-        if self._last_exit_unplanned:
-            self._unplanned_exit(worker, code, sig)
+        respawning = self._last_exit_unplanned and self._unplanned_exit(worker, code, sig)
+        if not respawning:
+            self._release_row_sockets(worker.row)
         self._wake()
 
     def _recover_connections(self, worker: Worker) -> None:
@@ -470,7 +504,8 @@ class Primary(EventEmitter):
         when = "failed while booting" if booting else "crashed"
         return f"worker {worker.id} (pid {worker.pid}) {when}: {how}"
 
-    def _unplanned_exit(self, worker: Worker, code: int | None, sig: str | None) -> None:
+    def _unplanned_exit(self, worker: Worker, code: int | None, sig: str | None) -> bool:
+        """Count a crash; stop after a crash loop, else maybe respawn. True if respawning."""
         now = time.monotonic()
         window = self.settings.crash_loop_window
         self._crash_times.append(now)
@@ -486,25 +521,34 @@ class Primary(EventEmitter):
                 f"stopping the cluster.\nLast output of worker {worker.id}:\n{output}"
             )
             self.stop()
-            return
+            return False
         rule = self.settings.respawn
         wanted = rule(worker, code, sig) if callable(rule) else rule
         if not wanted:
-            return
+            return False
         lived = now - worker.started
         streak = 0 if lived > window else self._slot_crashes.get(worker.row, 0)
         self._slot_crashes[worker.row] = streak + 1
         delay = min(self.settings.respawn_delay * 2**streak, self.settings.respawn_delay_max)
         delay *= random.uniform(0.5, 1.5)
-        self._respawns_pending += 1
-        self.loop.call_later(delay, self._respawn)
+        handle: asyncio.TimerHandle | None = None
 
-    def _respawn(self) -> None:
-        self._respawns_pending -= 1
+        def respawn() -> None:
+            assert handle is not None
+            self._respawn_timers.discard(handle)
+            self._respawn(worker.row)
+
+        handle = self.loop.call_later(delay, respawn)
+        self._respawn_timers.add(handle)
+        return True
+
+    def _respawn(self, row: int) -> None:
         if not self._stopping:
             try:
-                self.fork()
+                if self._fork(None, row).row != row:
+                    self._release_row_sockets(row)
             except ClusterError as exc:
+                self._release_row_sockets(row)
                 log.error("allcores: respawn failed: %s", exc)
         self._wake()
 
@@ -524,13 +568,19 @@ class Primary(EventEmitter):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(worker.process.pid, signal_module.SIGKILL)
 
-        self._kill_timers[worker.id] = self.loop.call_later(self.settings.graceful_timeout, kill)
+        # The worker drains for graceful_timeout itself; the margin lets a drain that
+        # used all of it still exit on its own instead of being killed mid-exit.
+        deadline = self.settings.graceful_timeout + _KILL_MARGIN
+        self._kill_timers[worker.id] = self.loop.call_later(deadline, kill)
 
     def stop(self) -> None:
         """Stop accepting, drain every worker within the graceful timeout, then end."""
         if self._stopping:
             return
         self._stopping = True
+        for timer in self._respawn_timers:
+            timer.cancel()
+        self._respawn_timers.clear()
         for listener in self._listeners.values():
             if listener.reading:
                 self.loop.remove_reader(listener.sock.fileno())
@@ -571,7 +621,7 @@ class Primary(EventEmitter):
                 else:
                     log.info("allcores: %s: stopping gracefully", signal_name(signum))
                     self.stop()
-            if not self.workers and not self._respawns_pending:
+            if not self.workers and not self._respawn_timers:
                 break
             self._wakeup.clear()
             await self._wakeup.wait()
@@ -705,7 +755,12 @@ class Primary(EventEmitter):
             if listener is None:
                 backlog = request.get("backlog") or 2048
                 reuseport = policy == "reuseport"
-                sock = bind_listener(host, port, backlog=backlog, reuseport=reuseport)
+                # Under reuseport the primary's own socket only holds the port (bound,
+                # not listening, so the kernel sends it nothing); each worker row gets
+                # its own listening socket.
+                sock = bind_listener(
+                    host, port, backlog=backlog, reuseport=reuseport, listen=not reuseport
+                )
                 listener = _Listener(key, policy, sock)
                 self._listeners[key] = listener
                 if port == 0:
@@ -741,13 +796,18 @@ class Primary(EventEmitter):
         its predecessor's socket, with the connections queued on it."""
         sock = listener.per_row.get(row)
         if sock is None:
-            if all(s is not listener.sock for s in listener.per_row.values()):
-                sock = listener.sock
-            else:
-                host = listener.key[0]
-                sock = bind_listener(host, listener.address.port, backlog=backlog, reuseport=True)
+            host = listener.key[0]
+            sock = bind_listener(host, listener.address.port, backlog=backlog, reuseport=True)
             listener.per_row[row] = sock
         return sock
+
+    def _release_row_sockets(self, row: int) -> None:
+        """A row no worker will fill: close its reuseport sockets, or the kernel keeps
+        sending them connections that nobody accepts."""
+        for listener in self._listeners.values():
+            sock = listener.per_row.pop(row, None)
+            if sock is not None:
+                sock.close()
 
     def _warn_reuseport(self) -> None:
         if self._reuseport_warned:
@@ -769,7 +829,7 @@ class Primary(EventEmitter):
             return False
         try:
             channel.send(obj, fds or ())
-        except ChannelError:
+        except (ChannelError, OSError):  # OSError: out of fds to queue the message with
             return False
         return True
 
@@ -789,7 +849,7 @@ class Primary(EventEmitter):
             self.loop.remove_reader(listener.sock.fileno())
 
     def _pick(self, listener: _Listener) -> Worker | None:
-        candidates = [w for w in listener.workers if w.is_connected()]
+        candidates = [w for w in listener.workers if w.can_take_connections()]
         if not candidates:
             return None
         start = listener.next_index
@@ -827,7 +887,23 @@ class Primary(EventEmitter):
                 listener.pending.append(conn)
                 if len(listener.pending) >= _PENDING_LIMIT or not listener.workers:
                     self._stop_accepting(listener)
+                self._retry_pending_later(listener)
                 return
+
+    def _retry_pending_later(self, listener: _Listener) -> None:
+        """Workers may be back (loops unblocked, channels drained): try again soon."""
+        if listener.retry is None:
+            listener.retry = self.loop.call_later(_RETRY_PENDING, self._retry_pending, listener)
+
+    def _retry_pending(self, listener: _Listener) -> None:
+        listener.retry = None
+        if self._stopping or self._listeners.get(listener.key) is not listener:
+            return
+        self._flush_pending(listener)
+        if listener.pending:
+            self._retry_pending_later(listener)
+        else:
+            self._start_accepting(listener)
 
     def _flush_pending(self, listener: _Listener) -> None:
         while listener.pending:

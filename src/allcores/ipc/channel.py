@@ -404,6 +404,11 @@ class AsyncChannel:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def pending_writes(self) -> int:
+        """Frames waiting for the peer to read (0 when the socket took everything)."""
+        return len(self._out)
+
     def fileno(self) -> int:
         return self._sock.fileno()
 
