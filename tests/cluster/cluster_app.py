@@ -23,6 +23,7 @@ from allcores import cluster
 WORKERS = int(os.environ.get("APP_WORKERS", "2"))
 PORT = int(os.environ["APP_PORT"])
 BOOT_FAIL = os.environ.get("APP_BOOT_FAIL") == "1"
+SERVERS: list[Any] = []
 
 
 def say(**fields: Any) -> None:
@@ -99,6 +100,11 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
             elif target.path == "/disconnect-me":
                 assert cluster.worker is not None
                 cluster.worker.send("disconnect me")
+            elif target.path == "/busy-then-close":
+                # Block the loop (connections pile up unread in our channel), then
+                # close our server while they are still queued.
+                time.sleep(float(query.get("s", "1")))
+                SERVERS[0].close()
             elif target.path == "/exit":
                 os._exit(int(query.get("code", "3")))
             data = body.encode()
@@ -148,6 +154,7 @@ async def worker_main() -> None:
             await plain.serve_forever()
         return
     server = await cluster.start_server(handle, "127.0.0.1", PORT)
+    SERVERS.append(server)
     if os.environ.get("APP_PING") == "1":
         mine, theirs = socket.socketpair()
         me.send({"ping": me.id}, theirs)

@@ -314,3 +314,37 @@ def test_stop_while_a_worker_boots_ends_cleanly(start_cluster) -> None:  # type:
     (exit_event,) = run.find("exit")
     assert exit_event["code"] == 0 and exit_event["planned"] is True
     assert run.find("worker-done")
+
+
+def test_connections_queued_for_a_closed_server_go_to_another_worker(start_cluster) -> None:  # type: ignore[no-untyped-def]
+    run = start_cluster(workers=2, APP_POLICY="rr")
+    closing: list[str] = []
+    blocker = threading.Thread(
+        target=lambda: closing.append(http_get(run.port, "/busy-then-close?s=1.5"))
+    )
+    blocker.start()
+    busy = wait_until(lambda: _stuck_worker(run.worker_pids()))
+    # Round-robin sends about half of these to the blocked worker, which closes its
+    # server before reading them: it must hand them back, not drop or strand them.
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda _: int(http_get(run.port, timeout=30)), range(6)))
+    blocker.join(30)
+    assert closing == [str(busy)]
+    assert set(answers) == run.worker_pids() - {busy}
+
+
+def _stuck_worker(pids: set[int]) -> int | None:
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            if psutil.Process(pid).status() == psutil.STATUS_SLEEPING and _in_sleep(pid):
+                return pid
+    return None
+
+
+def _in_sleep(pid: int) -> bool:
+    # time.sleep() in the handler: the main thread waits in hrtimer_nanosleep / clock_nanosleep.
+    try:
+        with open(f"/proc/{pid}/wchan") as wchan:
+            return "nanosleep" in wchan.read()
+    except OSError:
+        return False

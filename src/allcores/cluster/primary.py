@@ -466,6 +466,23 @@ class Primary(EventEmitter):
             self._release_row_sockets(worker.row)
         self._wake()
 
+    def _take_back(self, worker: Worker, obj: dict[str, Any], fds: list[int]) -> None:
+        """A worker returned a connection its closed server could not take."""
+        for extra in fds[1:]:
+            os.close(extra)
+        if not fds:
+            return
+        conn = socket.socket(fileno=fds[0])
+        listener = self._listeners.get(tuple(obj.get("key", ())))  # type: ignore[arg-type]
+        if listener is None or self._stopping:
+            conn.close()
+            return
+        if worker in listener.workers:
+            listener.workers.remove(worker)
+        if not self._hand_over(listener, conn):
+            listener.pending.append(conn)
+            self._retry_pending_later(listener)
+
     def _recover_connections(self, worker: Worker) -> None:
         """Give the connections a dead worker never took to the others."""
         child_end, worker._child_end = worker._child_end, None
@@ -703,6 +720,9 @@ class Primary(EventEmitter):
             for extra in fds[1:]:
                 os.close(extra)
             self._emit_both("message", worker, obj.get("data"), handle)
+            return
+        if kind == "conn-back":
+            self._take_back(worker, obj, fds)
             return
         for fd in fds:
             os.close(fd)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import socket
 import threading
@@ -115,6 +116,7 @@ class WorkerRuntime(EventEmitter):
         self._servers: dict[tuple[str, int], tuple[ClusterServer, ProtocolFactory]] = {}
         self._protocols: set[asyncio.BaseProtocol] = set()
         self._early: dict[tuple[Any, ...], list[int]] = {}
+        self._retired: dict[tuple[Any, ...], ProtocolFactory] = {}
         self._all_closed: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
         self.disconnecting = False
@@ -339,20 +341,45 @@ class WorkerRuntime(EventEmitter):
     def _on_conn(self, key: tuple[Any, ...], fds: list[int]) -> None:
         for extra in fds[1:]:
             os.close(extra)
+        if not fds:
+            return
         entry = self._servers.get(key)  # type: ignore[arg-type]
-        if entry is None or self._loop is None:
-            if self.disconnecting or not fds:
-                for fd in fds[:1]:
-                    os.close(fd)
-                return
-            # The primary sends connections right after its "listening" reply; they
-            # can arrive before start_server() has resumed and registered the server.
-            self._early.setdefault(key, []).append(fds[0])
+        factory = entry[1] if entry is not None else None
+        if factory is None and self.disconnecting:
+            # Sent before the primary knew we were draining: in-flight work, served.
+            factory = self._retired.get(key)
+        if factory is None or self._loop is None:
+            if key in self._retired or self.disconnecting:
+                # Our server for it is closed: the primary gives it to another worker.
+                self._bounce(key, fds[0])
+            else:
+                # The primary sends connections right after its "listening" reply;
+                # they can arrive before start_server() has resumed and registered.
+                self._early.setdefault(key, []).append(fds[0])
             return
         sock = socket.socket(fileno=fds[0])
-        _server, factory = entry
         task = self._loop.create_task(self._loop.connect_accepted_socket(factory, sock))
-        task.add_done_callback(_log_failed_connection)
+        task.add_done_callback(self._takeover_done)
+
+    def _bounce(self, key: tuple[Any, ...], fd: int) -> None:
+        try:
+            if self._channel is None or self._channel.closed:
+                raise ChannelError("channel closed")
+            self._channel.send({"t": "conn-back", "key": list(key)}, [fd])
+        except ChannelError:
+            pass
+        finally:
+            os.close(fd)
+
+    def _takeover_done(self, task: asyncio.Task[Any]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        # connection_made never ran: count it closed, or the primary would think this
+        # worker one connection busier for ever.
+        self.row.add("connections_closed", 1)
+        logging.getLogger("allcores.cluster").error(
+            "allcores: could not take over a connection", exc_info=task.exception()
+        )
 
     def _register(
         self, key: tuple[Any, ...], server: ClusterServer, factory: ProtocolFactory
@@ -362,9 +389,10 @@ class WorkerRuntime(EventEmitter):
             self._on_conn(key, [fd])
 
     def _server_closed(self, server: ClusterServer) -> None:
-        for key, (registered, _factory) in list(self._servers.items()):
+        for key, (registered, factory) in list(self._servers.items()):
             if registered is server:
                 del self._servers[key]
+                self._retired[key] = factory
                 if self._channel is not None and not self._channel.closed:
                     self._channel.send({"t": "unlisten", "key": list(key)})
 
@@ -422,12 +450,3 @@ class WorkerRuntime(EventEmitter):
         if self._channel is not None:
             self._channel.send({"t": "bye"})
             self._channel.close(flush=True)
-
-
-def _log_failed_connection(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        import logging
-
-        logging.getLogger("allcores.cluster").error(
-            "allcores: could not take over a connection", exc_info=task.exception()
-        )
