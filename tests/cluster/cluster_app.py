@@ -25,6 +25,11 @@ PORT = int(os.environ["APP_PORT"])
 BOOT_FAIL = os.environ.get("APP_BOOT_FAIL") == "1"
 SERVERS: list[Any] = []
 
+if cluster.is_primary:
+
+    class OnlyInThePrimary:
+        """Pickled as __main__.OnlyInThePrimary, which a worker's __main__ lacks."""
+
 
 def say(**fields: Any) -> None:
     # One write() per line: the primary and its workers share this pipe, and print()
@@ -71,6 +76,14 @@ def primary() -> int:
             worker.disconnect()
 
     cluster.on("message", on_message)
+
+    if os.environ.get("APP_SEND_UNPICKLABLE") == "1":
+
+        def send_twice(worker: cluster.Worker, address: Any) -> None:
+            worker.send(OnlyInThePrimary())
+            worker.send("after")
+
+        cluster.on("listening", send_twice)
     for _ in range(WORKERS):
         cluster.fork()
     code = cluster.run()
@@ -137,6 +150,9 @@ async def worker_main() -> None:
     got: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
     def on_message(message: Any, handle: socket.socket | None) -> None:
+        if message == "after":
+            me.send("got after")
+            return
         if not got.done():
             got.set_result((message, handle))
 

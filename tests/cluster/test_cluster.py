@@ -348,3 +348,11 @@ def _in_sleep(pid: int) -> bool:
             return "nanosleep" in wchan.read()
     except OSError:
         return False
+
+
+def test_a_message_the_worker_cannot_unpickle_is_dropped_not_fatal(start_cluster) -> None:  # type: ignore[no-untyped-def]
+    run = start_cluster(workers=1, APP_SEND_UNPICKLABLE="1")
+    run.wait_for("message", message="got after")
+    assert not run.find("exit")
+    assert int(http_get(run.port)) in run.worker_pids()
+    assert "a message from the primary was dropped" in "".join(run.stderr)

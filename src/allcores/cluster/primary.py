@@ -347,6 +347,7 @@ class Primary(EventEmitter):
             lambda obj, fds: self._on_worker_message(worker, obj, fds),
             lambda exc: self._on_worker_channel_closed(worker, exc),
             loop=loop,
+            on_error=lambda exc: self._on_bad_message(worker, exc),
         )
         self._watch_exit(worker)
         self._watch_output(worker)
@@ -746,6 +747,10 @@ class Primary(EventEmitter):
             self._arm_kill_timer(worker)
         else:
             log.warning("allcores: worker %d sent an unknown message %r; ignored", worker.id, obj)
+
+    def _on_bad_message(self, worker: Worker, exc: ChannelError) -> None:
+        log.error("allcores: worker %d sent a message that was dropped: %s", worker.id, exc)
+        worker.emit("error", exc)
 
     def _on_worker_channel_closed(self, worker: Worker, exc: BaseException | None) -> None:
         if isinstance(exc, ChannelError):

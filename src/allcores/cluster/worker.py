@@ -141,7 +141,9 @@ class WorkerRuntime(EventEmitter):
                     "register handlers inside the loop that serves, before serving"
                 )
             self._loop = loop
-            self._channel = AsyncChannel(self._sock, self._on_message, self._on_close, loop=loop)
+            self._channel = AsyncChannel(
+                self._sock, self._on_message, self._on_close, loop=loop, on_error=_dropped
+            )
             self._monitor = LoopMonitor(self.row, loop)
             self._monitor.start()
         elif self._loop is not loop:
@@ -450,3 +452,11 @@ class WorkerRuntime(EventEmitter):
         if self._channel is not None:
             self._channel.send({"t": "bye"})
             self._channel.close(flush=True)
+
+
+def _dropped(exc: ChannelError) -> None:
+    logging.getLogger("allcores.cluster").error(
+        "allcores: a message from the primary was dropped: %s "
+        "(is everything it sends importable in workers too?)",
+        exc,
+    )

@@ -18,9 +18,11 @@ then the payload: by default one object pickled with protocol 5. The fds travel 
 SCM_RIGHTS ancillary data attached to the header's bytes; the reader keeps received
 fds in arrival order and hands each frame the number its header announces.
 
-A frame with a bad magic, an impossible fd count, a payload that does not unpickle,
-or a stream that ends in the middle of a frame closes *that* channel with a
-`ChannelError` that says which; other channels and the reader's loop carry on.
+A frame with a bad magic or an impossible fd count, or a stream that ends in the
+middle of a frame, closes *that* channel with a `ChannelError` that says which;
+other channels and the reader's loop carry on. A well-framed payload that does not
+unpickle (a class the receiver cannot import) loses only that message: it is
+reported, and the channel goes on.
 
 Written by hand rather than with `multiprocessing.connection`: that module has no
 fd passing, no event-loop side, and its `recv` on a corrupt stream can block forever.
@@ -293,8 +295,8 @@ class Channel:
         try:
             return _decode(payload), fds
         except ChannelError:
+            # The framing is intact: this message is lost, the channel is not.
             _close_fds(fds)
-            self.close()
             raise
 
     def recv_bytes(self, timeout: float | None = None) -> tuple[bytes | bytearray, list[int]]:
@@ -374,8 +376,11 @@ class AsyncChannel:
     *on_message(obj, fds)* runs in the loop for each frame (the payload bytes when
     ``raw=True``); the receiver owns the fds. *on_close(exc)* runs once when the
     channel ends: ``None`` for a clean EOF or a local `close`, a `ChannelError` for a
-    broken or corrupt stream. An exception raised by *on_message* goes to the loop's
-    exception handler; it neither closes the channel nor drops other frames.
+    broken or corrupt stream (bad magic, impossible fd count, truncated frame). A
+    whole frame whose payload does not unpickle is dropped and reported to
+    *on_error(exc)* (default: the loop's exception handler); the channel goes on. An
+    exception raised by *on_message* goes to the loop's exception handler; it neither
+    closes the channel nor drops other frames.
     """
 
     def __init__(
@@ -386,7 +391,9 @@ class AsyncChannel:
         *,
         loop: asyncio.AbstractEventLoop | None = None,
         raw: bool = False,
+        on_error: Callable[[ChannelError], None] | None = None,
     ) -> None:
+        self._on_error = on_error
         self._sock = sock
         self._sock.setblocking(False)
         self._loop = loop or asyncio.get_running_loop()
@@ -510,10 +517,17 @@ class AsyncChannel:
             try:
                 obj = _decode(payload)
             except ChannelError as exc:
+                # The framing is intact: drop this message, keep the channel.
                 _close_fds(fds)
-                self._fail(exc)
-                return
+                self._report(exc)
+                continue
             self._deliver(obj, fds)
+
+    def _report(self, exc: ChannelError) -> None:
+        if self._on_error is not None:
+            self._on_error(exc)
+        else:
+            self._loop.call_exception_handler({"message": str(exc), "exception": exc})
 
     def _deliver(self, obj: Any, fds: list[int]) -> None:
         # A handler's bug must not drop the frames read with this one.
