@@ -62,7 +62,7 @@ def demo(example: str | None, port: int | None) -> None:
                 f"  curl localhost:{shown_port}/cpu-pool  # the same on a pool (recommended)"
             )
         else:
-            click.echo(f"  curl localhost:{shown_port}/        # answered by different workers")
+            click.echo(f"  curl localhost:{shown_port}/        # answered by a worker (its pid)")
             click.echo(f"  curl localhost:{shown_port}/cpu     # CPU-heavy; / still answers")
             click.echo("  kill -9 <a worker pid>        # the primary logs it and starts another")
         click.echo("Stop with Ctrl-C.", err=False)
