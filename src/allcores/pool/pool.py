@@ -1500,17 +1500,30 @@ class MapIterator(Iterator[R], AsyncIterator[R]):
     def __iter__(self) -> MapIterator[R]:
         return self
 
+    def _advance(self) -> bool | None:
+        """True: a result is ready; False: one must be waited for; None: the map is done.
+
+        Raises the map's error (after the results before it). Shared by the sync and
+        async iterators, which differ only in how they wait.
+        """
+        if self._ready:
+            return True
+        if self._error is not None:
+            self.close()
+            error, self._error = self._error, None
+            raise error
+        self._fill()
+        if not self._inflight:
+            self.close()
+            return None
+        return False
+
     def __next__(self) -> R:
         while True:
-            if self._ready:
+            state = self._advance()
+            if state:
                 return self._ready.popleft()
-            if self._error is not None:
-                self.close()
-                error, self._error = self._error, None
-                raise error
-            self._fill()
-            if not self._inflight:
-                self.close()
+            if state is None:
                 raise StopIteration
             if self._pool._on_loop_thread():
                 self.close()
@@ -1542,15 +1555,10 @@ class MapIterator(Iterator[R], AsyncIterator[R]):
 
     async def __anext__(self) -> R:
         while True:
-            if self._ready:
+            state = self._advance()
+            if state:
                 return self._ready.popleft()
-            if self._error is not None:
-                self.close()
-                error, self._error = self._error, None
-                raise error
-            self._fill()
-            if not self._inflight:
-                self.close()
+            if state is None:
                 raise StopAsyncIteration
             try:
                 if self._ordered:
