@@ -59,6 +59,7 @@ import cloudpickle
 
 from allcores._system import die_with_parent, release_forkserver
 from allcores.errors import AllcoresError, ChannelClosed, ChannelError
+from allcores.events import EventEmitter
 from allcores.ipc.channel import AsyncChannel, Channel, channel_pair
 from allcores.pool.backends.process import choose_start_method
 from allcores.pool.errors import RemoteTraceback
@@ -397,7 +398,7 @@ class Worker:
         # fork is fast (no re-import) but only safe while this process has one OS
         # thread; otherwise the forkserver starts it, as the pool does.
         method = choose_start_method()
-        self._listeners: dict[str, list[tuple[Listener, bool]]] = {e: [] for e in _EVENTS}
+        self._events = _LoopEvents(self._listener_raised)
         self._inbox: collections.deque[Any] = collections.deque()
         self._message_waiters: list[asyncio.Future[Any]] = []
         self._exit_waiters: list[asyncio.Future[int]] = []
@@ -468,14 +469,7 @@ class Worker:
     def off(self, event: Event, listener: Listener) -> None:
         self._check_event(event)
 
-        def remove() -> None:
-            entries = self._listeners[event]
-            for i, (registered, _once) in enumerate(entries):
-                if registered is listener:
-                    del entries[i]
-                    return
-
-        _on_loop(self._loop, remove)
+        _on_loop(self._loop, self._events.off, event, listener)
 
     def terminate(self) -> None:
         """Kill the worker now (SIGKILL, as Node stops a thread mid-instruction).
@@ -540,7 +534,7 @@ class Worker:
         registered = listener
 
         def add() -> None:
-            self._listeners[event].append((registered, once))
+            (self._events.once if once else self._events.on)(event, registered)
             if event == "message":
                 self._deliver()
 
@@ -563,32 +557,21 @@ class Worker:
         finally:
             _close_fds(fds)
 
-    def _emit(self, event: str, *args: Any) -> bool:
-        entries = self._listeners[event]
-        if not entries:
-            return False
-        for entry in list(entries):
-            listener, once = entry
-            if once and entry in entries:
-                entries.remove(entry)
-            try:
-                listener(*args)
-            except Exception as exc:
-                self._loop.call_exception_handler(
-                    {"message": f"a {event!r} listener of {self!r} raised", "exception": exc}
-                )
-        return True
+    def _listener_raised(self, event: str, exc: Exception) -> None:
+        self._loop.call_exception_handler(
+            {"message": f"a {event!r} listener of {self!r} raised", "exception": exc}
+        )
 
     def _deliver(self) -> None:
-        while self._inbox and (self._listeners["message"] or self._message_waiters):
+        while self._inbox and (self._events.listener_count("message") or self._message_waiters):
             message = self._inbox.popleft()
             waiters, self._message_waiters = self._message_waiters, []
             for fut in waiters:
                 _settle(fut, message)
-            self._emit("message", message)
+            self._events.emit("message", message)
 
     def _add_message_waiter(self, fut: asyncio.Future[Any]) -> None:
-        if self._inbox and not self._listeners["message"]:
+        if self._inbox and not self._events.listener_count("message"):
             _settle(fut, self._inbox.popleft())
         elif self._error is not None:
             _settle(fut, exc=self._error)
@@ -625,7 +608,7 @@ class Worker:
             self._inbox.append(frame[1])
             self._deliver()
         elif kind == "online":
-            self._emit("online")
+            self._events.emit("online")
         elif kind == "error":
             self._on_error(self._rebuild_error(*frame[1:]))
 
@@ -646,7 +629,7 @@ class Worker:
         waiters, self._message_waiters = self._message_waiters, []
         for fut in waiters:
             _settle(fut, exc=exc)
-        if not self._emit("error", exc) and not waiters:
+        if not self._events.emit("error", exc) and not waiters:
             self._loop.call_exception_handler(
                 {
                     "message": f"{self!r} raised and nothing listens for its 'error' event",
@@ -701,7 +684,7 @@ class Worker:
         exit_waiters, self._exit_waiters = self._exit_waiters, []
         for exit_fut in exit_waiters:
             _settle(exit_fut, code)
-        self._emit("exit", code)
+        self._events.emit("exit", code)
 
     async def _stream(self) -> AsyncIterator[Any]:
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
@@ -717,21 +700,20 @@ class Worker:
             _on_loop(loop, queue.put_nowait, ("exit", code))
 
         def attach() -> None:
-            self._listeners["message"].append((on_message, False))
+            self._events.on("message", on_message)
             self._deliver()
             if self._error is not None:
                 on_error(self._error)
             if self._exit_code is not None and self._exited.is_set():
                 on_exit(self._exit_code)
             else:
-                self._listeners["error"].append((on_error, False))
-                self._listeners["exit"].append((on_exit, False))
+                self._events.on("error", on_error)
+                self._events.on("exit", on_exit)
 
         def detach() -> None:
-            for event, listener in (("message", on_message), ("error", on_error)):
-                entries = self._listeners[event]
-                entries[:] = [entry for entry in entries if entry[0] is not listener]
-            self._listeners["exit"][:] = [e for e in self._listeners["exit"] if e[0] is not on_exit]
+            self._events.off("message", on_message)
+            self._events.off("error", on_error)
+            self._events.off("exit", on_exit)
 
         _on_loop(self._loop, attach)
         try:
@@ -757,3 +739,14 @@ def _kill_live_workers() -> None:
         with contextlib.suppress(Exception):
             worker._proc.kill()
             worker._proc.join(_ATEXIT_REAP_S)
+
+
+class _LoopEvents(EventEmitter):
+    """The Worker's listeners: a listener that raises goes to the loop's exception handler."""
+
+    def __init__(self, report: Callable[[str, Exception], None]) -> None:
+        super().__init__()
+        self._report = report
+
+    def on_listener_error(self, event: str, exc: Exception) -> None:
+        self._report(event, exc)
