@@ -54,14 +54,15 @@ _MAGIC = 0xAC05
 MAX_FDS = 32
 _FD_SIZE = array.array("i").itemsize
 _ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS * _FD_SIZE)
-# Reads take up to 256 KiB, so a burst of small result frames is one syscall. They
-# go into a scratch buffer reused for the channel's life: `recvmsg(256 KiB)` would
-# allocate 256 KiB per call, above glibc's mmap threshold, and measured 13 µs a call
-# against 1.6 µs for recvmsg_into on the dev box (2026-11-28), twice per round trip.
-_READ_SIZE = 256 * 1024
+# Reads take up to 64 KiB, so a burst of small result frames is one syscall. They go
+# into a scratch buffer reused for the channel's life: `recvmsg(256 KiB)`, as this
+# once was, allocated 256 KiB per call, above glibc's mmap threshold, and measured
+# 13 µs a call against 1.6 µs for recvmsg_into on the dev box (2026-11-28), twice
+# per pool round trip.
+_READ_SIZE = 64 * 1024
 # Payloads above this are read straight into their own buffer instead of being
 # assembled in the shared read buffer, so a 100 MiB frame is copied once, not twice.
-_DIRECT_READ = 1024 * 1024
+_DIRECT_READ = _READ_SIZE
 MAX_PAYLOAD = 2**32 - 1
 
 OnMessage = Callable[[Any, list[int]], None]
@@ -119,7 +120,8 @@ class _FrameReader:
     """Turns a byte stream plus received fds into frames. Shared by both channel kinds."""
 
     def __init__(self) -> None:
-        self.scratch = memoryview(bytearray(_READ_SIZE))
+        # Allocated on the first read: a channel used only to send never pays for it.
+        self.scratch: memoryview | None = None
         self.buf = bytearray()
         self.pos = 0
         self.fds: collections.deque[int] = collections.deque()
@@ -139,8 +141,11 @@ class _FrameReader:
             self.fds.extend(_fds_from_ancillary(ancdata))
             self.big_filled += n
             return n
-        n, ancdata, _flags, _addr = sock.recvmsg_into([self.scratch], _ANCILLARY_SPACE)
-        self.feed(self.scratch[:n], _fds_from_ancillary(ancdata))
+        scratch = self.scratch
+        if scratch is None:
+            scratch = self.scratch = memoryview(bytearray(_READ_SIZE))
+        n, ancdata, _flags, _addr = sock.recvmsg_into([scratch], _ANCILLARY_SPACE)
+        self.feed(scratch[:n], _fds_from_ancillary(ancdata))
         return n
 
     def feed(self, data: bytes | memoryview, fds: list[int]) -> None:
