@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import os
 import pickle
+import struct
 import time
 import traceback
 from typing import Any, Protocol
@@ -66,6 +67,7 @@ CHUNK_RESULT = 14
 # look wastes at most that task's run; looking before every task cost 3 syscalls
 # per task, ~10 % of a tiny task's round trip.
 SKIP_POLL_INTERVAL = 0.001
+_DOUBLE = struct.Struct("=d")
 
 
 class Endpoint(Protocol):
@@ -92,27 +94,42 @@ def pack_error(kind: int, task_id: int, exc: BaseException, seconds: float = 0.0
 
 
 class _RowWriter:
-    """This worker's scoreboard row, or nothing when the pool keeps no scoreboard."""
+    """This worker's scoreboard row, or nothing when the pool keeps no scoreboard.
 
-    __slots__ = ("row",)
+    It packs into the row's fields directly: through `Row.set` the seven writes per
+    task cost ~3 µs, a third of a tiny task's time in the worker.
+    """
+
+    __slots__ = ("_beat", "_buf", "_q", "_state", "_tasks", "_total", "total")
 
     def __init__(self, row: Row | None) -> None:
-        self.row = row
+        self._buf: memoryview | None = None
+        self.total = 0
+        if row is None:
+            return
+        self._buf, self._state, self._q = row.slot("state")
+        self._tasks = row.slot("tasks")[1]
+        self._total = row.slot("tasks_total")[1]
+        self._beat = row.slot("heartbeat")[1]
+        self.total = int(row.get("tasks_total"))
 
     def start(self) -> None:
-        row = self.row
-        if row is not None:
-            row.set("state", RowState.BUSY)
-            row.set("tasks", 1)
-            row.beat()
+        buf = self._buf
+        if buf is not None:
+            pack_into = self._q.pack_into
+            pack_into(buf, self._state, RowState.BUSY)
+            pack_into(buf, self._tasks, 1)
+            _DOUBLE.pack_into(buf, self._beat, time.monotonic())
 
     def finish(self) -> None:
-        row = self.row
-        if row is not None:
-            row.set("tasks", 0)
-            row.add("tasks_total", 1)
-            row.set("state", RowState.READY)
-            row.beat()
+        buf = self._buf
+        if buf is not None:
+            pack_into = self._q.pack_into
+            self.total += 1
+            pack_into(buf, self._tasks, 0)
+            pack_into(buf, self._total, self.total)
+            pack_into(buf, self._state, RowState.READY)
+            _DOUBLE.pack_into(buf, self._beat, time.monotonic())
 
 
 def _setup(endpoint: Endpoint) -> _RowWriter | None:

@@ -246,8 +246,32 @@ def _dumps(obj: Any, oob: list[pickle.PickleBuffer], regions: list[Any]) -> byte
         return data
 
 
+# Values that can hold neither a Segment nor a large buffer: they pickle directly.
+_PLAIN = frozenset({int, float, str, bool, type(None), complex})
+_PLAIN_CONTAINERS = (tuple, list)
+
+
+def _is_plain(obj: Any, depth: int = 0) -> bool:
+    kind = type(obj)
+    if kind in _PLAIN:
+        return True
+    if kind is bytes:
+        return len(obj) < OOB_THRESHOLD
+    if kind in _PLAIN_CONTAINERS and depth < 2 and len(obj) <= 16:
+        return all(_is_plain(item, depth + 1) for item in obj)
+    if kind is dict and depth < 2 and len(obj) <= 16:
+        return all(type(k) is str and _is_plain(v, depth + 1) for k, v in obj.items())
+    return False
+
+
 def pack(kind: int, task_id: int, obj: Any, seconds: float = 0.0) -> Packed:
     """Pickle *obj* into a message; raises what pickling raises (nothing is left open)."""
+    if _is_plain(obj):
+        # The tiny task's path: no fds or buffers to look for, so none of the
+        # context variables below (they cost ~2 µs of a ~4 µs pack).
+        return Packed(
+            _HEAD.pack(kind, 0, 0, 0, task_id, seconds) + pickle.dumps(obj, protocol=5), [], None
+        )
     oob: list[pickle.PickleBuffer] = []
     regions: list[Any] = []
     seen_fds: list[int] = []
@@ -323,6 +347,8 @@ def read_head(payload: bytes | bytearray) -> tuple[int, int, int, int, float]:
 def unpack(payload: bytes | bytearray, fds: list[int]) -> Any:
     """The object of a packed message; consumes (closes) *fds* in every case."""
     _kind, nbuf, nuser, nregions, _task_id, _seconds = _HEAD.unpack_from(payload)
+    if not nbuf and not nuser and not fds:
+        return pickle.loads(memoryview(payload)[HEAD_SIZE:])
     offset = HEAD_SIZE
     segment = None
     segment_fd = -1

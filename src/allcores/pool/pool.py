@@ -390,6 +390,8 @@ class Pool(concurrent.futures.Executor):
 
         self._queue: collections.deque[_Task] = collections.deque()
         self._to_flush: list[_Worker] = []
+        # True while `_enqueue_from_thread` runs: it flushes itself, at once.
+        self._flush_inline = False
         self._queued = 0  # live tasks in _queue, counted under _count_lock
         self._workers: dict[int, _Worker] = {}
         self._idle: list[_Worker] = []
@@ -762,10 +764,10 @@ class Pool(concurrent.futures.Executor):
         task.state = _DONE
         future = task.future
         if future is not None and not future.done():
-            with contextlib.suppress(
-                concurrent.futures.InvalidStateError, asyncio.InvalidStateError
-            ):
+            try:  # noqa: SIM105 - per task; contextlib.suppress builds an object
                 future.set_result(value)
+            except (concurrent.futures.InvalidStateError, asyncio.InvalidStateError):
+                pass  # Cancelled meanwhile from another thread.
         # After the result: freeing a large argument's shared memory takes ~10 ms
         # per 100 MiB, which the caller need not wait for.
         task.packed.close()
@@ -857,7 +859,11 @@ class Pool(concurrent.futures.Executor):
         share a frame; a task handed over from another thread has no company coming,
         and one more loop iteration would only add to its latency.
         """
-        self._enqueue(task)
+        self._flush_inline = True
+        try:
+            self._enqueue(task)
+        finally:
+            self._flush_inline = False
         if self._to_flush:
             self._flush()
 
@@ -926,7 +932,7 @@ class Pool(concurrent.futures.Executor):
         worker.outbox.append(task.packed)
         if len(worker.outbox) == 1:
             self._to_flush.append(worker)
-            if len(self._to_flush) == 1:
+            if len(self._to_flush) == 1 and not self._flush_inline:
                 assert self._loop is not None
                 self._loop.call_soon(self._flush)
         if len(worker.inflight) == 1:

@@ -109,11 +109,14 @@ class ProcessWorker(BackendWorker):
         loop.add_reader(self.process.sentinel, self._on_sentinel)
 
     def send(self, payload: bytes | bytearray | memoryview, fds: Sequence[int] = ()) -> None:
-        if self._channel is None or self._channel.closed:
+        channel = self._channel
+        if channel is None or channel.closed:
             return  # It is dying; on_exit will re-queue what it held.
-        # On a broken channel the sentinel tells the pool, as above.
-        with contextlib.suppress(OSError):
-            self._channel.send_bytes(payload, fds)
+        # try, not contextlib.suppress: this runs per task, and suppress builds an object.
+        try:  # noqa: SIM105
+            channel.send_bytes(payload, fds)
+        except OSError:
+            pass  # A broken channel: the sentinel tells the pool, as above.
 
     def stop(self) -> None:
         if self._channel is not None:
