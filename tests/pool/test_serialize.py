@@ -15,6 +15,7 @@ from allcores.pool._serialize import (
     dump_function,
     load_function,
     pack,
+    read_head,
     unpack,
     wrap_large_bytes,
 )
@@ -57,6 +58,35 @@ def test_large_buffers_go_through_one_memfd() -> None:
     assert type(got_bytes) is bytes and got_bytes == data
     assert type(got_bytearray) is bytearray and got_bytearray == data
     assert np.array_equal(got_array, array)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        (b"blob", (1, 2.5, "s", None, True), {"k": [1, (2, 3)]}),  # a tiny task: fast path
+        [list(range(20))],  # too long for the fast path: pickled the general way
+        {1: "int key"},
+        (1, [2, [3, [4]]]),  # too deep for the fast path
+    ],
+)
+def test_plain_and_general_values_round_trip_the_same(value: object) -> None:
+    packed = pack(proto.TASK, 3, value, 0.25)
+    assert packed.fds == []
+    assert unpack(packed.payload, []) == value
+    assert read_head(packed.payload) == (proto.TASK, 0, 0, 3, 0.25)
+
+
+def test_a_segment_deep_inside_arguments_still_travels() -> None:
+    # Past the plain-value fast path's depth, the general path must find it.
+    with Segment.create(64) as segment:
+        segment.buf[:5] = b"hello"
+        packed = pack(proto.TASK, 1, ([[segment]],))
+        assert len(packed.fds) == 1
+        received = [os.dup(fd) for fd in packed.fds]
+        packed.close()
+        ((inner,),) = unpack(packed.payload, received)[0]
+        with inner:
+            assert bytes(inner.buf[:5]) == b"hello"
 
 
 def test_segments_inside_arguments_travel_as_fds() -> None:
