@@ -10,6 +10,7 @@ import psutil
 import pytest
 
 from allcores.pool import Pool
+from allcores.pool.backends import process
 
 
 def _is_helper(proc: psutil.Process) -> bool:
@@ -54,6 +55,7 @@ def wait_gone(pids: set[int] | list[int], timeout: float = 10.0) -> set[int]:
 def no_leftovers() -> Iterator[None]:
     before_children = child_pids()
     before_shm = shm_entries()
+    before_fds = set(process._PARENT_FDS)
     yield
     leftover = wait_gone(child_pids() - before_children, timeout=10.0)
     assert not leftover, f"processes left behind: {leftover}"
@@ -61,6 +63,10 @@ def no_leftovers() -> Iterator[None]:
         n for n in shm_entries() - before_shm if "allcores" in n or n.startswith(("psm_", "mp-"))
     }
     assert not new_shm, f"/dev/shm entries left behind: {new_shm}"
+    # Every worker reaped: a registered fd number outliving its worker would be
+    # closed by the next forked worker, which may hold that number by then.
+    registered = set(process._PARENT_FDS) - before_fds
+    assert not registered, f"worker channel fds still registered: {registered}"
 
 
 @pytest.fixture

@@ -36,6 +36,7 @@ import collections
 import contextlib
 import os
 import pickle
+import select
 import socket
 import struct
 from collections.abc import Callable, Sequence
@@ -411,6 +412,9 @@ class AsyncChannel:
         self._writing = False
         self._closed = False
         self._close_after_flush = False
+        # While paused the loop does not read; another thread may (`read_now`).
+        self._paused = False
+        self._held: list[tuple[bytes | bytearray, list[int]]] = []
         self._loop.add_reader(sock.fileno(), self._on_readable)
 
     @property
@@ -421,6 +425,10 @@ class AsyncChannel:
     def pending_writes(self) -> int:
         """Frames waiting for the peer to read (0 when the socket took everything)."""
         return len(self._out)
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -456,6 +464,76 @@ class AsyncChannel:
         if len(rest):
             self._out.append((rest, []))
             self._start_writing()
+
+    def send_now(self, payload: bytes | bytearray | memoryview, fds: Sequence[int] = ()) -> bool:
+        """Send one whole frame at once from any thread, or nothing (False).
+
+        For a caller that knows no other thread sends on this channel meanwhile (the
+        pool's direct submit). Nothing is sent while frames wait to be written or
+        when the socket cannot take this one now. The rest of a partial write, which
+        an empty socket buffer never gives for a small frame, is left to the loop.
+        """
+        if self._closed or self._out:
+            return False
+        data = frame_header(len(payload), len(fds)) + bytes(payload)
+        try:
+            sent = self._sock.sendmsg([data], _fds_ancillary(fds))
+        except OSError:  # BlockingIOError included; a broken peer is the loop's to see
+            return False
+        if sent < len(data):
+            self._loop.call_soon_threadsafe(self._send_rest, memoryview(data)[sent:])
+        return True
+
+    def _send_rest(self, rest: memoryview) -> None:
+        if not self._closed:
+            self._out.appendleft((rest, []))
+            self._start_writing()
+
+    def pause_reading(self) -> None:
+        """Stop reading in the loop (loop thread); `read_now` may read meanwhile."""
+        if not self._paused and not self._closed:
+            self._paused = True
+            self._loop.remove_reader(self._sock.fileno())
+
+    def resume_reading(self) -> None:
+        """Read in the loop again (loop thread), starting with frames `read_now` held."""
+        if not self._paused or self._closed:
+            return
+        self._paused = False
+        self._loop.add_reader(self._sock.fileno(), self._on_readable)
+        held, self._held = self._held, []
+        for payload, fds in held:
+            self._deliver_frame(payload, fds)
+
+    def read_now(self, timeout: float | None) -> tuple[bytes | bytearray, list[int]] | None:
+        """One raw frame, read by a thread other than the loop's while reading is paused.
+
+        None when *timeout* passes first. Raises ChannelClosed at EOF and ChannelError
+        on a corrupt stream; neither closes the channel: the loop finds the same state
+        when it resumes reading, and ends the channel then. Frames read beyond the
+        first wait for `resume_reading`. Only one thread may call it at a time.
+        """
+        if self._held:
+            return self._held.pop(0)
+        reader = self._reader
+        poller = select.poll()  # not select(): fds past 1023 are common in servers
+        poller.register(self._sock.fileno(), select.POLLIN)
+        wait_ms = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
+        while True:
+            frames = reader.frames()
+            if frames:
+                self._held.extend(frames[1:])
+                return frames[0]
+            if not poller.poll(wait_ms):
+                return None
+            try:
+                got = reader.read_from(self._sock)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError as exc:
+                raise ChannelClosed(f"channel broke while reading ({exc})") from exc
+            if not got:
+                raise ChannelClosed("peer closed the channel")
 
     def _start_writing(self) -> None:
         if not self._writing:
@@ -505,20 +583,23 @@ class AsyncChannel:
             self._fail(exc)
             return
         for payload, fds in frames:
-            if self._closed:
-                _close_fds(fds)
-                continue
-            if self._raw:
-                self._deliver(payload, fds)
-                continue
-            try:
-                obj = _decode(payload)
-            except ChannelError as exc:
-                # The framing is intact: drop this message, keep the channel.
-                _close_fds(fds)
-                self._report(exc)
-                continue
-            self._deliver(obj, fds)
+            self._deliver_frame(payload, fds)
+
+    def _deliver_frame(self, payload: bytes | bytearray, fds: list[int]) -> None:
+        if self._closed:
+            _close_fds(fds)
+            return
+        if self._raw:
+            self._deliver(payload, fds)
+            return
+        try:
+            obj = _decode(payload)
+        except ChannelError as exc:
+            # The framing is intact: drop this message, keep the channel.
+            _close_fds(fds)
+            self._report(exc)
+            return
+        self._deliver(obj, fds)
 
     def _report(self, exc: ChannelError) -> None:
         if self._on_error is not None:
@@ -552,6 +633,9 @@ class AsyncChannel:
         for _data, fds in self._out:
             _close_fds(fds)
         self._out.clear()
+        for _payload, fds in self._held:
+            _close_fds(fds)
+        self._held.clear()
         self._reader.discard()
         self._sock.close()
 

@@ -50,6 +50,7 @@ from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterat
 from typing import Any, Literal, TypeVar
 
 from allcores._system import available_cpus
+from allcores.errors import ChannelError
 from allcores.observe.scoreboard import RowState, Scoreboard
 from allcores.pool import _protocol as proto
 from allcores.pool._serialize import (
@@ -112,11 +113,24 @@ MAX_CHUNKSIZE = 16_384
 CHUNK_GROWTH = 8
 # Map chunks in flight per worker: one running, two waiting, as with PREFETCH.
 MAP_INFLIGHT_PER_WORKER = 3
+# A thread that submits to an idle worker sends the task itself and, when it then
+# waits on the future, reads the reply itself (`Pool._send_direct`): two thread
+# wake-ups per round trip instead of four. Frames up to this size qualify: an idle
+# worker has read everything sent to it, so its socket buffer takes them whole.
+DIRECT_MAX_PAYLOAD = 32 * 1024
+# A direct task whose caller does not wait on it by `result()` (a done callback,
+# `as_completed`, or nobody) is taken over by the loop after this long.
+DIRECT_GRACE = 0.002
+# The loop looks for such tasks every DIRECT_GRACE while direct submits keep
+# coming, and stops looking this long after the last one.
+DIRECT_LINGER = 0.1
 # Workers that die before their first READY in a row before the pool gives up: a
 # missing module or a failing initializer would otherwise respawn forever.
 MAX_FAILED_STARTS = 3
 
 _QUEUED, _SENT, _DONE, _CANCELLED = range(4)
+# Who reads the reply of a task sent directly: nobody yet, the waiting caller, the loop.
+_OWNER_NONE, _OWNER_CALLER, _OWNER_LOOP = range(3)
 _STARTING, _READY, _RETIRING, _KILLED = range(4)
 
 
@@ -199,6 +213,7 @@ class _Task:
         "fn",
         "future",
         "id",
+        "owner",
         "packed",
         "running_set",
         "started",
@@ -232,6 +247,7 @@ class _Task:
         self.started = 0.0
         self.timer: asyncio.TimerHandle | None = None
         self.worker: _Worker | None = None
+        self.owner = _OWNER_LOOP
 
     def describe(self) -> str:
         name = getattr(self.fn, "__qualname__", None) or repr(self.fn)
@@ -249,6 +265,7 @@ class _Task:
 
 class _Worker:
     __slots__ = (
+        "direct",
         "handle",
         "id",
         "idle_since",
@@ -264,6 +281,9 @@ class _Worker:
         self.id = worker_id
         self.row = row
         self.handle: BackendWorker | None = None
+        # A task another thread sent to this worker (`Pool._send_direct`), until the
+        # caller reads its reply or the loop adopts it into `inflight`.
+        self.direct: _Task | None = None
         self.state = _STARTING
         self.inflight: dict[int, _Task] = {}
         self.outbox: list[Packed] = []
@@ -395,6 +415,15 @@ class Pool(concurrent.futures.Executor):
         self._queued = 0  # live tasks in _queue, counted under _count_lock
         self._workers: dict[int, _Worker] = {}
         self._idle: list[_Worker] = []
+        # Guards `_idle`, `_Worker.direct`, `_Task.owner` and `_direct_live`: threads
+        # that submit take idle workers themselves (`_send_direct`). An idle worker's
+        # socket is never read by the loop (it pauses reading), so such a thread may.
+        self._idle_lock = threading.Lock()
+        self._direct_live: set[_Task] = set()
+        self._direct_stats: collections.deque[tuple[int, float, float]] = collections.deque()
+        self._last_direct = 0.0
+        self._sweeping = False
+        self._direct_sent = 0  # tasks that went by `_send_direct` (for tests and tuning)
         self._room_waiters: list[concurrent.futures.Future[None]] = []
         self._drain_waiters: list[concurrent.futures.Future[None]] = []
         self._ready_waiters: list[concurrent.futures.Future[None]] = []
@@ -552,8 +581,9 @@ class Pool(concurrent.futures.Executor):
             self._scoreboard.row(worker.row).clear()
             self._free_rows.append(worker.row)
             self._dead_worker_seconds += time.monotonic() - worker.started_at
-        if worker in self._idle:
-            self._idle.remove(worker)
+        with self._idle_lock:
+            if worker in self._idle:
+                self._idle.remove(worker)
 
     def _live_workers(self) -> int:
         return sum(1 for w in self._workers.values() if w.state != _KILLED)
@@ -574,17 +604,25 @@ class Pool(concurrent.futures.Executor):
             starting += 1
 
     def _retire(self, worker: _Worker) -> None:
-        if worker in self._idle:
-            self._idle.remove(worker)
-        worker.state = _RETIRING
+        with self._idle_lock:
+            if worker.direct is not None:
+                return  # A thread just gave it a task: it retires after that one.
+            if worker in self._idle:
+                self._idle.remove(worker)
+            worker.state = _RETIRING
         if worker.handle is not None:
             worker.handle.stop()
 
     def _kill(self, worker: _Worker) -> None:
-        """Kill a worker; what it held but had not started goes back to the queue."""
-        if worker in self._idle:
-            self._idle.remove(worker)
-        worker.state = _KILLED
+        """Kill a worker; what it held but had not started goes back to the queue.
+
+        A task sent to it directly (``worker.direct``) stays: it was running, so the
+        worker's end fails it with WorkerCrashedError rather than running it twice.
+        """
+        with self._idle_lock:
+            if worker in self._idle:
+                self._idle.remove(worker)
+            worker.state = _KILLED
         self._requeue(list(worker.inflight.values()))
         worker.inflight.clear()
         worker.outbox.clear()
@@ -606,6 +644,7 @@ class Pool(concurrent.futures.Executor):
     def _on_worker_exit(self, worker: _Worker, exit_: WorkerExit) -> None:
         was = worker.state
         self._forget_worker(worker)
+        self._adopt_direct(worker, force=True)
         inflight = list(worker.inflight.values())
         worker.inflight.clear()
         worker.state = _KILLED
@@ -648,6 +687,7 @@ class Pool(concurrent.futures.Executor):
         with self._count_lock:
             self._queued = 0
         for worker in list(self._workers.values()):
+            self._adopt_direct(worker)
             for task in worker.inflight.values():
                 self._settle_error(task, error)
             worker.inflight.clear()
@@ -663,6 +703,8 @@ class Pool(concurrent.futures.Executor):
     def _on_message(self, worker: _Worker, payload: bytes | bytearray, fds: list[int]) -> None:
         kind, _nbuf, _nuser, task_id, seconds = read_head(payload)
         if kind == proto.RESULT or kind == proto.ERROR or kind == proto.CHUNK_RESULT:
+            if worker.direct is not None:
+                self._adopt_direct(worker, force=True)
             task = worker.inflight.pop(task_id, None)
             if task is None:
                 # A result for a task cancelled or timed out meanwhile: drop it.
@@ -693,7 +735,7 @@ class Pool(concurrent.futures.Executor):
         self._failed_starts = 0
         worker.state = _READY
         worker.idle_since = time.monotonic()
-        self._idle.append(worker)
+        self._make_idle(worker)
         if self._ready_waiters and not any(w.state == _STARTING for w in self._workers.values()):
             self._wake(self._ready_waiters, None)
         self._pump()
@@ -751,7 +793,7 @@ class Pool(concurrent.futures.Executor):
                 self._grow()
             else:
                 worker.idle_since = time.monotonic()
-                self._idle.append(worker)
+                self._make_idle(worker)
                 self._schedule_idle_check()
         if self._queue:
             self._pump()
@@ -763,6 +805,8 @@ class Pool(concurrent.futures.Executor):
     def _settle(self, task: _Task, value: Any) -> None:
         task.state = _DONE
         future = task.future
+        if type(future) is _PoolFuture:
+            future._task = future._pool = None
         if future is not None and not future.done():
             try:  # noqa: SIM105 - per task; contextlib.suppress builds an object
                 future.set_result(value)
@@ -779,6 +823,8 @@ class Pool(concurrent.futures.Executor):
         task.state = _DONE
         task.packed.close()
         future = task.future
+        if type(future) is _PoolFuture:
+            future._task = future._pool = None
         if future is None or future.done():
             return
         with contextlib.suppress(concurrent.futures.InvalidStateError, asyncio.InvalidStateError):
@@ -876,13 +922,16 @@ class Pool(concurrent.futures.Executor):
             if task.state != _QUEUED:
                 queue.popleft()
                 continue
-            if idle:
-                worker = idle[-1]
-            else:
-                found = self._prefetch_target()
-                if found is None:
-                    break
-                worker = found
+            with self._idle_lock:
+                if idle:
+                    worker = idle.pop()
+                    was_idle = True
+                else:
+                    found = self._prefetch_target()
+                    if found is None:
+                        break
+                    worker = found
+                    was_idle = False
             queue.popleft()
             dispatched = True
             future = task.future
@@ -898,9 +947,10 @@ class Pool(concurrent.futures.Executor):
                     task.state = _CANCELLED
                     task.packed.close()
                     self._counts["cancelled"] += 1
+                    if was_idle:
+                        with self._idle_lock:
+                            idle.append(worker)
                     continue
-            if idle and idle[-1] is worker:
-                idle.pop()
             self._dispatch(worker, task)
         if dispatched:
             self._queue_shrank()
@@ -914,7 +964,7 @@ class Pool(concurrent.futures.Executor):
         limit = self._settings.max_tasks_per_child
         best: _Worker | None = None
         for worker in self._workers.values():
-            if worker.state != _READY or len(worker.inflight) > depth:
+            if worker.state != _READY or worker.direct is not None or len(worker.inflight) > depth:
                 continue
             if limit is not None and worker.sent >= limit:
                 continue
@@ -929,6 +979,8 @@ class Pool(concurrent.futures.Executor):
         task.worker = worker
         worker.inflight[task.id] = task
         worker.sent += 1
+        if len(worker.inflight) == 1 and worker.handle is not None:
+            worker.handle.resume_reading()  # it was idle: the loop reads its reply
         worker.outbox.append(task.packed)
         if len(worker.outbox) == 1:
             self._to_flush.append(worker)
@@ -951,6 +1003,264 @@ class Pool(concurrent.futures.Executor):
                     handle.send(packed.payload, packed.fds)
             else:
                 handle.send(pack_batch([packed.payload for packed in outbox]))
+
+    def _make_idle(self, worker: _Worker) -> None:
+        """Put a worker that holds no task in the idle list (loop thread).
+
+        The loop stops reading an idle worker's socket, so that a thread that sends
+        it a task directly may read the reply itself (`_send_direct`).
+        """
+        if worker.handle is not None:
+            worker.handle.pause_reading()
+        with self._idle_lock:
+            self._idle.append(worker)
+
+    # ── direct round trips (a thread other than the loop's submits and waits) ──
+
+    def _send_direct(self, task: _Task) -> bool:
+        """Send *task* from the submitting thread to an idle worker; False if not.
+
+        Through the loop a sync round trip costs four thread wake-ups (caller, loop,
+        worker, loop, caller). Sent from here, with the reply read by the thread that
+        waits on the future (`_wait_direct`), it costs two. Only plain cases come
+        here: no timeout (its timer is the loop's), a small frame, an idle worker,
+        and no other task waiting, so that tasks still start in the order they came.
+        A task whose future nobody waits on with ``result()`` is taken over by the
+        loop after DIRECT_GRACE (`_sweep_direct`), or at once by `add_done_callback`.
+        """
+        packed = task.packed
+        if task.timeout is not None or len(packed.payload) > DIRECT_MAX_PAYLOAD:
+            return False
+        with self._idle_lock:
+            if not self._idle or self._closing:
+                return False
+            with self._count_lock:
+                if self._queued != 1:  # 1: this task's own reservation
+                    return False
+                self._queued -= 1
+            worker = self._idle.pop()
+            worker.direct = task
+            task.owner = _OWNER_NONE
+            self._direct_live.add(task)
+            self._direct_sent += 1
+            self._last_direct = now = time.monotonic()
+            start_sweeping = not self._sweeping
+            self._sweeping = True
+        future = task.future
+        assert isinstance(future, concurrent.futures.Future)
+        task.running_set = True
+        future.set_running_or_notify_cancel()  # new: nobody can have cancelled it
+        task.state = _SENT
+        task.worker = worker
+        task.started = now
+        worker.sent += 1
+        handle = worker.handle
+        if handle is not None and handle.send_from_thread(packed.payload, packed.fds):
+            if start_sweeping:
+                self._call(self._sweep_direct)
+            if self._drain_waiters:
+                self._call(self._queue_shrank)
+            return True
+        # Nothing went (the channel is busy or closing): the loop sends it instead.
+        with self._idle_lock:
+            worker.direct = None
+            task.owner = _OWNER_LOOP
+            self._direct_live.discard(task)
+            worker.sent -= 1
+            self._direct_sent -= 1
+            self._idle.append(worker)
+            if start_sweeping:
+                self._sweeping = False
+            with self._count_lock:
+                self._queued += 1
+        task.state = _QUEUED
+        task.worker = None
+        return False
+
+    def _wait_direct(self, task: _Task, timeout: float | None) -> float | None:
+        """Wait for a direct task by reading its worker's reply in this thread.
+
+        Returns what is left of *timeout*. When the reply cannot be read here (the
+        loop took it over, the worker died, another thread reads it), it returns at
+        once and the future completes through the loop.
+        """
+        if self._on_loop_thread():
+            return timeout
+        with self._idle_lock:
+            worker = task.worker
+            if task.owner != _OWNER_NONE or worker is None or worker.direct is not task:
+                return timeout
+            handle = worker.handle
+            claimed = handle is not None and handle.claim_reading()
+            task.owner = _OWNER_CALLER if claimed else _OWNER_LOOP
+        if not claimed or handle is None:
+            with contextlib.suppress(PoolClosedError):  # closed: it was settled already
+                self._call(self._direct_takeover, task)
+            return timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        to_loop = False
+        try:
+            while True:
+                wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    frame = handle.read_now(wait)
+                except ChannelError:
+                    to_loop = True  # EOF or a corrupt stream: the loop ends the worker
+                    break
+                if frame is None:
+                    break  # timed out: the task goes back to nobody (the sweep's)
+                if self._finish_direct(worker, task, frame):
+                    return None if deadline is None else max(0.0, deadline - time.monotonic())
+                # Not this task's reply (never expected): the loop deals with it.
+                self._call(self._on_message, worker, frame[0], frame[1])
+                to_loop = True
+                break
+        except BaseException:
+            to_loop = True
+            raise
+        finally:
+            if task.owner == _OWNER_CALLER:
+                with self._idle_lock:
+                    task.owner = _OWNER_LOOP if to_loop else _OWNER_NONE
+                handle.release_reading(resume=to_loop)
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+    def _finish_direct(
+        self, worker: _Worker, task: _Task, frame: tuple[bytes | bytearray, list[int]]
+    ) -> bool:
+        """Settle a direct task from its reply, in the waiting thread; False if the
+        frame is not that reply."""
+        payload, fds = frame
+        kind, _nbuf, _nuser, task_id, seconds = read_head(payload)
+        if task_id != task.id or (kind != proto.RESULT and kind != proto.ERROR):
+            return False
+        limit = self._settings.max_tasks_per_child
+        # Released before the worker is idle again: the loop may then dispatch to it
+        # at once, and it must find the socket free to read.
+        assert worker.handle is not None
+        worker.handle.release_reading(resume=False)
+        with self._idle_lock:
+            worker.direct = None
+            task.owner = _OWNER_LOOP
+            self._direct_live.discard(task)
+            back = (
+                worker.state == _READY
+                and not self._closing
+                and (limit is None or worker.sent < limit)
+            )
+            if back:
+                worker.idle_since = time.monotonic()
+                self._idle.append(worker)
+        # The loop folds these into the counts and histograms (`_fold_direct_stats`).
+        self._direct_stats.append((kind, seconds, task.started - task.submitted))
+        self._run_ema += (seconds - self._run_ema) * 0.1
+        try:
+            value = unpack(payload, fds)
+        except BaseException as unpickling_error:
+            unpickling_error.add_note(f"(while the pool unpickled the result of {task.describe()})")
+            self._settle_error(task, unpickling_error)
+        else:
+            if kind == proto.RESULT:
+                if type(value) is SameAsArgument:
+                    value = task.args[0][value.index]
+                self._settle(task, value)
+            else:
+                remote, tb = value
+                remote.__cause__ = RemoteTraceback(tb)
+                self._settle_error(task, remote)
+        settings = self._settings
+        if (
+            not back
+            or self._queued
+            or self._closing
+            or (
+                settings.idle_timeout is not None
+                and settings.min_workers < settings.max_workers
+                and self._idle_timer is None
+            )
+        ):
+            self._call(self._after_direct, worker)
+        return True
+
+    def _after_direct(self, worker: _Worker) -> None:
+        """Loop side of a direct task's end: retire, refill, shut down, or shrink."""
+        if worker.state == _READY and worker.direct is None and not worker.inflight:
+            with self._idle_lock:
+                idle = worker in self._idle
+            if not idle:
+                limit = self._settings.max_tasks_per_child
+                if limit is not None and worker.sent >= limit:
+                    self._retire(worker)
+                    self._grow()
+                else:
+                    worker.idle_since = time.monotonic()
+                    self._make_idle(worker)
+        if self._queue:
+            self._pump()
+        if self._closing:
+            self._maybe_finish_shutdown()
+        else:
+            self._schedule_idle_check()
+
+    def _adopt_direct(self, worker: _Worker, *, force: bool = False) -> None:
+        """Make the loop own a direct task: it joins ``inflight`` (loop thread).
+
+        A task whose caller is reading its reply stays the caller's unless *force*.
+        """
+        with self._idle_lock:
+            task = worker.direct
+            if task is None or (task.owner == _OWNER_CALLER and not force):
+                return
+            worker.direct = None
+            task.owner = _OWNER_LOOP
+            self._direct_live.discard(task)
+        worker.inflight[task.id] = task
+        self._wait_time.add(task.started - task.submitted)
+
+    def _direct_takeover(self, task: _Task) -> None:
+        """The loop reads a direct task's reply (nobody waits on it with result())."""
+        with self._idle_lock:
+            worker = task.worker
+            if worker is None or worker.direct is not task or task.owner == _OWNER_CALLER:
+                return
+            task.owner = _OWNER_LOOP
+        if worker.handle is not None:
+            worker.handle.resume_reading()
+
+    def _sweep_direct(self) -> None:
+        """Take over direct tasks nobody reads; runs every DIRECT_GRACE while needed."""
+        now = time.monotonic()
+        with self._idle_lock:
+            stale = [
+                task
+                for task in self._direct_live
+                if task.owner == _OWNER_NONE and now - task.started >= DIRECT_GRACE
+            ]
+            for task in stale:
+                task.owner = _OWNER_LOOP
+            go_on = not self._closed.is_set() and (
+                bool(self._direct_live) or now - self._last_direct < DIRECT_LINGER
+            )
+            if not go_on:
+                self._sweeping = False
+        for task in stale:
+            worker = task.worker
+            if worker is not None and worker.direct is task and worker.handle is not None:
+                worker.handle.resume_reading()
+        self._fold_direct_stats()
+        if go_on:
+            assert self._loop is not None
+            self._loop.call_later(DIRECT_GRACE, self._sweep_direct)
+
+    def _fold_direct_stats(self) -> None:
+        """Counts and histograms of direct tasks, recorded by waiting threads (loop)."""
+        pending = self._direct_stats
+        while pending:
+            kind, seconds, wait = pending.popleft()
+            self._run_time.add(seconds)
+            self._wait_time.add(wait)
+            self._busy_seconds += seconds
+            self._counts["completed" if kind == proto.RESULT else "failed"] += 1
 
     def _start_running(self, task: _Task) -> None:
         task.started = now = time.monotonic()
@@ -990,6 +1300,8 @@ class Pool(concurrent.futures.Executor):
         worker = task.worker
         if task.state != _SENT or worker is None:
             return
+        if worker.direct is task:
+            self._adopt_direct(worker, force=True)
         self._counts["cancelled"] += 1
         running = next(iter(worker.inflight)) == task.id
         worker.inflight.pop(task.id, None)
@@ -1027,7 +1339,9 @@ class Pool(concurrent.futures.Executor):
         timeout = self._settings.idle_timeout
         assert timeout is not None
         now = time.monotonic()
-        for worker in sorted(self._idle, key=lambda w: w.idle_since):
+        with self._idle_lock:
+            idle = sorted(self._idle, key=lambda w: w.idle_since)
+        for worker in idle:
             if self._live_workers() <= self._settings.min_workers:
                 break
             if now - worker.idle_since >= timeout:
@@ -1055,7 +1369,7 @@ class Pool(concurrent.futures.Executor):
         if any(task.state == _QUEUED for task in self._queue):
             return
         for worker in list(self._workers.values()):
-            if worker.state == _READY and not worker.inflight:
+            if worker.state == _READY and not worker.inflight and worker.direct is None:
                 self._retire(worker)
             elif worker.state == _STARTING and worker.handle is not None:
                 worker.handle.stop()
@@ -1090,6 +1404,7 @@ class Pool(concurrent.futures.Executor):
         for worker in list(self._workers.values()):
             if worker.handle is not None:
                 worker.handle.terminate_now()
+            self._adopt_direct(worker, force=True)
             for task in worker.inflight.values():
                 self._settle_error(task, error)
             worker.inflight.clear()
@@ -1191,13 +1506,15 @@ class Pool(concurrent.futures.Executor):
     ) -> concurrent.futures.Future[R]:
         """`submit` with a per-task *timeout* (seconds of running, not of waiting)."""
         task = self._new_task(fn, args, kwargs or {}, timeout)
-        future: concurrent.futures.Future[R] = concurrent.futures.Future()
+        future: concurrent.futures.Future[R] = _PoolFuture(self, task)
         task.future = future
         try:
             if self._on_loop_thread():
                 self._enqueue(task)
             else:
-                self._call(self._enqueue_from_thread, task)
+                self._ensure_loop()
+                if not self._send_direct(task):
+                    self._call(self._enqueue_from_thread, task)
         except BaseException:
             self._unreserve()
             task.packed.close()
@@ -1310,7 +1627,13 @@ class Pool(concurrent.futures.Executor):
                 self._ready_waiters.append(waiter)
 
         self._call(check)
-        await asyncio.wrap_future(waiter)
+        try:
+            await asyncio.wrap_future(waiter)
+        except InitializerError:
+            # Reap the workers now: this loop may end right after the error, and a
+            # worker never reaped would leave its socket's fd number registered.
+            await self.aclose()
+            raise
 
     async def __aenter__(self) -> Pool:
         await self.start()
@@ -1387,6 +1710,9 @@ class Pool(concurrent.futures.Executor):
 
     def stats(self) -> PoolStats:
         """Workers, queue, utilisation, counts, and run/wait-time percentiles."""
+        if self._on_loop_thread():
+            self._fold_direct_stats()
+        pending = list(self._direct_stats)  # not folded yet: counted here, read-only
         workers = list(self._workers.values())
         now = time.monotonic()
         alive = self._dead_worker_seconds + sum(now - w.started_at for w in workers)
@@ -1394,20 +1720,22 @@ class Pool(concurrent.futures.Executor):
         return PoolStats(
             backend=self._backend.name,
             workers=sum(1 for w in workers if w.state != _KILLED),
-            busy=sum(1 for w in workers if w.inflight),
-            idle=sum(1 for w in workers if w.state == _READY and not w.inflight),
+            busy=sum(1 for w in workers if w.inflight or w.direct is not None),
+            idle=sum(
+                1 for w in workers if w.state == _READY and not w.inflight and w.direct is None
+            ),
             starting=sum(1 for w in workers if w.state == _STARTING),
             queued=self._queued,
             max_queue=self._settings.max_queue,
             utilisation=min(1.0, self._busy_seconds / alive) if alive > 0 else 0.0,
             submitted=counts["submitted"],
-            completed=counts["completed"],
-            failed=counts["failed"],
+            completed=counts["completed"] + sum(1 for p in pending if p[0] == proto.RESULT),
+            failed=counts["failed"] + sum(1 for p in pending if p[0] != proto.RESULT),
             crashed=counts["crashed"],
             timed_out=counts["timed_out"],
             cancelled=counts["cancelled"],
-            run_time=self._run_time.percentiles(),
-            wait_time=self._wait_time.percentiles(),
+            run_time=self._run_time.percentiles([p[1] for p in pending]),
+            wait_time=self._wait_time.percentiles([p[2] for p in pending]),
         )
 
     def __repr__(self) -> str:
@@ -1415,6 +1743,36 @@ class Pool(concurrent.futures.Executor):
         return (
             f"<allcores.Pool {self._backend.name} max_workers={self._settings.max_workers} {state}>"
         )
+
+
+class _PoolFuture(concurrent.futures.Future[R]):
+    """The future of `Pool.submit`. When its task went straight to an idle worker
+    (`Pool._send_direct`), ``result()`` and ``exception()`` read the reply in the
+    waiting thread; anything else makes the pool's loop read it."""
+
+    def __init__(self, pool: Pool, task: _Task) -> None:
+        super().__init__()
+        self._pool: Pool | None = pool
+        self._task: _Task | None = task
+
+    def result(self, timeout: float | None = None) -> R:
+        task = self._task
+        if task is not None and task.owner == _OWNER_NONE and self._pool is not None:
+            timeout = self._pool._wait_direct(task, timeout)
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        task = self._task
+        if task is not None and task.owner == _OWNER_NONE and self._pool is not None:
+            timeout = self._pool._wait_direct(task, timeout)
+        return super().exception(timeout)
+
+    def add_done_callback(self, fn: Callable[[concurrent.futures.Future[R]], object]) -> None:
+        task = self._task
+        if task is not None and task.owner == _OWNER_NONE and self._pool is not None:
+            with contextlib.suppress(PoolClosedError):  # closed: it was settled already
+                self._pool._call(self._pool._direct_takeover, task)
+        super().add_done_callback(fn)
 
 
 class MapIterator(Iterator[R], AsyncIterator[R]):

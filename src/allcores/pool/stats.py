@@ -38,15 +38,19 @@ class Histogram:
         if seconds > self._max:
             self._max = seconds
 
-    def percentiles(self) -> Percentiles:
-        ordered = sorted(self._recent)
+    def percentiles(self, extra: list[float] | None = None) -> Percentiles:
+        """Over the recent samples plus *extra* (samples not added yet)."""
+        extra = extra or []
+        ordered = sorted([*self._recent, *extra][-_WINDOW:])
         if not ordered:
             return Percentiles(0, 0.0, 0.0, 0.0, 0.0)
 
         def at(q: float) -> float:
             return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
-        return Percentiles(self.count, at(0.50), at(0.90), at(0.99), self._max)
+        return Percentiles(
+            self.count + len(extra), at(0.50), at(0.90), at(0.99), max([self._max, *extra])
+        )
 
 
 @dataclasses.dataclass(frozen=True)

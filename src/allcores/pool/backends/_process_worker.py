@@ -17,9 +17,13 @@ from allcores.pool._protocol import serve
 
 
 def main(sock: socket.socket, nice: int, close_fds: list[int], parent_pid: int | None) -> None:
+    own = sock.fileno()
     for fd in close_fds:
         # Forked children inherit the parent's ends of other workers' channels;
-        # holding them would hide the parent's death from those workers.
+        # holding them would hide the parent's death from those workers. A number
+        # the parent forgot to drop may since name this worker's own socket: keep it.
+        if fd == own:
+            continue
         with contextlib.suppress(OSError):
             os.close(fd)
     die_with_parent(parent_pid)

@@ -63,6 +63,38 @@ class BackendWorker(abc.ABC):
     def send(self, payload: bytes | bytearray | memoryview, fds: Sequence[int] = ()) -> None:
         """Queue one frame to the worker (never blocks the loop)."""
 
+    # Reading a worker's replies from a thread other than the loop's, for a caller
+    # that waits on its own task (`Pool` uses it when the worker is idle). The loop
+    # pauses its reading; one thread claims the right to read, reads, releases.
+    # A backend that cannot keeps these defaults, and the pool never claims.
+
+    def send_from_thread(self, payload: bytes | bytearray | memoryview, fds: Sequence[int]) -> bool:
+        """Send one small frame now, from a thread other than the loop's, or nothing.
+
+        True when the whole frame went, False when nothing did. The pool calls it only
+        for an idle worker, which no other thread sends to meanwhile.
+        """
+        return False
+
+    def pause_reading(self) -> None:  # noqa: B027 - optional, see above
+        """The loop stops reading this worker (loop thread)."""
+
+    def resume_reading(self) -> None:  # noqa: B027 - optional, see above
+        """The loop reads this worker again (loop thread)."""
+
+    def claim_reading(self) -> bool:
+        """Take the right to `read_now` (any thread); False when it cannot be had."""
+        return False
+
+    def release_reading(self, resume: bool) -> None:  # noqa: B027 - optional, see above
+        """Give the right back; with *resume*, the loop reads this worker again."""
+
+    def read_now(self, timeout: float | None) -> tuple[bytes | bytearray, list[int]] | None:
+        """The next frame, read in the claiming thread; None after *timeout*.
+
+        Raises `ChannelClosed` when the worker's channel ended."""
+        raise NotImplementedError
+
     @abc.abstractmethod
     def stop(self) -> None:
         """No more work: the worker ends after the frames already sent (on_exit follows)."""

@@ -28,6 +28,7 @@ import multiprocessing.context
 import multiprocessing.forkserver
 import os
 import socket
+import threading
 from collections.abc import Callable, Sequence
 
 from allcores._system import os_thread_count
@@ -97,6 +98,11 @@ class ProcessWorker(BackendWorker):
         self._channel_done = False
         self._exited = False
         self._grace: asyncio.TimerHandle | None = None
+        # A thread that claimed the socket (`claim_reading`) reads it; the loop then
+        # must neither read nor close it, so its end is put off until the release.
+        self._claim_lock = threading.Lock()
+        self._claimed = False
+        self._finish_deferred = False
 
     def attach(
         self, loop: asyncio.AbstractEventLoop, on_message: OnMessage, on_exit: OnExit
@@ -118,6 +124,55 @@ class ProcessWorker(BackendWorker):
         except OSError:
             pass  # A broken channel: the sentinel tells the pool, as above.
 
+    def send_from_thread(self, payload: bytes | bytearray | memoryview, fds: Sequence[int]) -> bool:
+        channel = self._channel
+        return channel is not None and channel.send_now(payload, fds)
+
+    def pause_reading(self) -> None:
+        if self._channel is not None:
+            self._channel.pause_reading()
+
+    def resume_reading(self) -> None:
+        with self._claim_lock:
+            if self._claimed:
+                return
+        if self._channel is not None:
+            self._channel.resume_reading()
+
+    def claim_reading(self) -> bool:
+        with self._claim_lock:
+            channel = self._channel
+            if (
+                self._claimed
+                or self._exited
+                or self._sentinel_seen
+                or channel is None
+                or channel.closed
+                or not channel.paused
+            ):
+                return False
+            self._claimed = True
+            return True
+
+    def release_reading(self, resume: bool) -> None:
+        with self._claim_lock:
+            self._claimed = False
+            deferred, self._finish_deferred = self._finish_deferred, False
+        loop = self._loop
+        if (deferred or resume) and loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to do
+                loop.call_soon_threadsafe(self._after_release, deferred, resume)
+
+    def _after_release(self, deferred: bool, resume: bool) -> None:
+        if resume:
+            self.resume_reading()
+        if deferred:
+            self._finish()
+
+    def read_now(self, timeout: float | None) -> tuple[bytes | bytearray, list[int]] | None:
+        assert self._channel is not None and self._claimed
+        return self._channel.read_now(timeout)
+
     def stop(self) -> None:
         if self._channel is not None:
             self._channel.close(flush=True)
@@ -138,16 +193,26 @@ class ProcessWorker(BackendWorker):
     def _on_sentinel(self) -> None:
         assert self._loop is not None
         self._loop.remove_reader(self.process.sentinel)
-        self._sentinel_seen = True
+        with self._claim_lock:
+            self._sentinel_seen = True
+            claimed = self._claimed
         if self._channel_done:
             self._finish()
-        else:
-            self._grace = self._loop.call_later(_EOF_GRACE, self._finish)
+            return
+        if not claimed:
+            # An idle worker's reading is paused: read its EOF (and last frames) now.
+            self.resume_reading()
+        self._grace = self._loop.call_later(_EOF_GRACE, self._finish)
 
     def _finish(self) -> None:
         if self._exited:
             return
-        self._exited = True
+        with self._claim_lock:
+            if self._claimed:
+                self._finish_deferred = True
+                return
+            # Under the lock: a thread must not claim the socket this closes.
+            self._exited = True
         if self._grace is not None:
             self._grace.cancel()
         if self._channel is not None:

@@ -1,0 +1,134 @@
+"""Direct round trips: a thread that submits to an idle worker sends the task itself,
+and reads the reply itself when it waits with ``result()``; otherwise the loop does.
+
+Each test checks ``pool._direct_sent`` so that it cannot pass through the loop's path
+by accident.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+
+import pytest
+
+from allcores.pool import Pool, WorkerCrashedError
+from tests.pool import helpers
+from tests.pool.conftest import wait_gone
+
+pytestmark = pytest.mark.usefixtures("no_leftovers")
+
+
+def _warm(pool: Pool) -> None:
+    """Every worker ready and idle, so the next submits can go direct."""
+    futures = [pool.submit(helpers.sleep_then, 0.05, i) for i in range(pool.settings.max_workers)]
+    assert [f.result(timeout=30) for f in futures] == list(range(pool.settings.max_workers))
+
+
+def test_one_by_one_goes_direct_and_is_counted() -> None:
+    with Pool(2) as pool:
+        _warm(pool)
+        before = pool._direct_sent
+        assert [pool.submit(helpers.add, i).result(timeout=30) for i in range(200)] == [
+            i + 1 for i in range(200)
+        ]
+        assert pool._direct_sent - before == 200
+        stats = pool.stats()
+        assert stats.completed >= 200 and stats.run_time.count >= 200
+        assert stats.busy == 0 and stats.idle == 2
+
+
+def test_a_direct_task_nobody_calls_result_on_still_completes() -> None:
+    with Pool(2) as pool:
+        _warm(pool)
+        before = pool._direct_sent
+        plain = pool.submit(helpers.add, 1)
+        called = threading.Event()
+        with_callback = pool.submit(helpers.add, 2)
+        with_callback.add_done_callback(lambda _f: called.set())
+        assert pool._direct_sent - before == 2
+        done, _pending = concurrent.futures.wait([plain], timeout=30)
+        assert plain in done
+        assert called.wait(30)
+        assert plain.result() == 2 and with_callback.result() == 3
+        assert [
+            f.result()
+            for f in concurrent.futures.as_completed([pool.submit(helpers.add, 5)], timeout=30)
+        ] == [6]
+
+
+def test_result_with_a_timeout_that_passes_then_again() -> None:
+    with Pool(1) as pool:
+        _warm(pool)
+        before = pool._direct_sent
+        slow = pool.submit(helpers.sleep_then, 0.5, "done")
+        assert pool._direct_sent - before == 1
+        with pytest.raises(concurrent.futures.TimeoutError):
+            slow.result(timeout=0.05)
+        assert slow.result(timeout=30) == "done"
+        # The worker is free again, for direct and queued tasks alike.
+        assert pool.submit(helpers.add, 1).result(timeout=30) == 2
+
+
+def test_a_crash_while_the_caller_reads_fails_that_task_only() -> None:
+    with Pool(1) as pool:
+        _warm(pool)
+        first = pool.worker_pids()
+        before = pool._direct_sent
+        crashing = pool.submit(helpers.exit_hard, 7)
+        assert pool._direct_sent - before == 1
+        with pytest.raises(WorkerCrashedError) as info:
+            crashing.result(timeout=30)
+        assert info.value.exitcode == 7
+        assert pool.submit(helpers.add, 1).result(timeout=30) == 2
+        assert pool.worker_pids() != first
+        assert not wait_gone(first, timeout=10)
+
+
+def test_errors_come_back_with_their_traceback() -> None:
+    with Pool(1) as pool:
+        _warm(pool)
+        before = pool._direct_sent
+        with pytest.raises(ValueError, match="direct"):
+            pool.submit(helpers.raise_value_error, "direct").result(timeout=30)
+        assert pool._direct_sent - before == 1
+        assert pool.stats().failed == 1
+
+
+def test_many_threads_one_by_one() -> None:
+    results: dict[int, list[int]] = {}
+
+    def run(thread: int) -> None:
+        results[thread] = [
+            pool.submit(helpers.add, i, thread).result(timeout=60) for i in range(150)
+        ]
+
+    with Pool(2) as pool:
+        _warm(pool)
+        before = pool._direct_sent
+        threads = [threading.Thread(target=run, args=(t,)) for t in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert all(not thread.is_alive() for thread in threads)
+        assert results == {t: [i + t for i in range(150)] for t in range(4)}
+        assert pool._direct_sent > before  # some went direct, the rest through the loop
+        assert pool.stats().completed >= 600
+
+
+def test_shutdown_waits_for_a_direct_task_nobody_waits_on() -> None:
+    pool = Pool(1)
+    _warm(pool)
+    before = pool._direct_sent
+    slow = pool.submit(helpers.sleep_then, 0.3, "kept")
+    assert pool._direct_sent - before == 1
+    pool.shutdown(wait=True)
+    assert slow.done() and slow.result() == "kept"
+
+
+def test_max_tasks_per_child_counts_direct_tasks() -> None:
+    with Pool(1, max_tasks_per_child=2) as pool:
+        pids = [pool.submit(helpers.pid).result(timeout=30) for _ in range(6)]
+        assert pool._direct_sent >= 2
+        assert len(set(pids)) == 3 and pids[0] == pids[1] and pids[2] == pids[3]
