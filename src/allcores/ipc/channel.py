@@ -415,6 +415,7 @@ class AsyncChannel:
         # While paused the loop does not read; another thread may (`read_now`).
         self._paused = False
         self._held: list[tuple[bytes | bytearray, list[int]]] = []
+        self._poller: select.poll | None = None
         self._loop.add_reader(sock.fileno(), self._on_readable)
 
     @property
@@ -516,14 +517,17 @@ class AsyncChannel:
         if self._held:
             return self._held.pop(0)
         reader = self._reader
-        poller = select.poll()  # not select(): fds past 1023 are common in servers
-        poller.register(self._sock.fileno(), select.POLLIN)
+        poller = self._poller
+        if poller is None:
+            poller = self._poller = select.poll()  # not select(): fds past 1023 exist
+            poller.register(self._sock.fileno(), select.POLLIN)
         wait_ms = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
         while True:
-            frames = reader.frames()
-            if frames:
-                self._held.extend(frames[1:])
-                return frames[0]
+            if reader.mid_frame():
+                frames = reader.frames()
+                if frames:
+                    self._held.extend(frames[1:])
+                    return frames[0]
             if not poller.poll(wait_ms):
                 return None
             try:
