@@ -43,6 +43,7 @@ __all__ = [
     "dump_function",
     "load_function",
     "pack",
+    "pack_call",
     "unpack",
     "wrap_large_bytes",
 ]
@@ -276,6 +277,27 @@ def _is_plain(obj: Any, depth: int = 0) -> bool:
                 return False
         return True
     return False
+
+
+def pack_call(
+    kind: int, task_id: int, blob: bytes, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Packed:
+    """`pack` of a call ``(blob, args, kwargs)``, with large bytes arguments out of band.
+
+    Scalar positional arguments, the tiny task's case, skip every check.
+    """
+    if not kwargs:
+        for arg in args:
+            if type(arg) not in _PLAIN:
+                break
+        else:
+            return Packed(
+                _HEAD.pack(kind, 0, 0, 0, task_id, 0.0)
+                + pickle.dumps((blob, args, kwargs), protocol=5),
+                [],
+                None,
+            )
+    return pack(kind, task_id, (blob, wrap_large_bytes(args), kwargs))
 
 
 def pack(kind: int, task_id: int, obj: Any, seconds: float = 0.0) -> Packed:

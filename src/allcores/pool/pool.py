@@ -59,9 +59,9 @@ from allcores.pool._serialize import (
     dump_function,
     pack,
     pack_batch,
+    pack_call,
     read_head,
     unpack,
-    wrap_large_bytes,
 )
 from allcores.pool.backends.base import Backend, BackendWorker, WorkerExit
 from allcores.pool.backends.process import ProcessBackend
@@ -807,11 +807,11 @@ class Pool(concurrent.futures.Executor):
         future = task.future
         if type(future) is _PoolFuture:
             future._task = future._pool = None
-        if future is not None and not future.done():
+        if future is not None:
             try:  # noqa: SIM105 - per task; contextlib.suppress builds an object
                 future.set_result(value)
             except (concurrent.futures.InvalidStateError, asyncio.InvalidStateError):
-                pass  # Cancelled meanwhile from another thread.
+                pass  # Cancelled (or timed out) meanwhile.
         # After the result: freeing a large argument's shared memory takes ~10 ms
         # per 100 MiB, which the caller need not wait for.
         task.packed.close()
@@ -861,7 +861,7 @@ class Pool(concurrent.futures.Executor):
         task_id = next(self._task_ids)
         blob = dump_function(fn)
         if chunk is None:
-            packed = pack(proto.TASK, task_id, (blob, wrap_large_bytes(args), kwargs))
+            packed = pack_call(proto.TASK, task_id, blob, args, kwargs)
             task = _Task(task_id, fn, (args, kwargs), packed, timeout, -1)
         else:
             packed = pack(proto.CHUNK, task_id, (blob, chunk))
