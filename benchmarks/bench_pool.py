@@ -50,6 +50,7 @@ SUPPORTED = {
 for _supported in SUPPORTED.values():
     if "startup" in _supported:
         _supported.add("startup_first")
+        _supported.add("import")
 
 LABELS = {
     "one_by_one": "tiny task one by one (submit → result), µs/task",
@@ -62,6 +63,7 @@ LABELS = {
     "cpu_batch": "CPU batch, x serial",
     "startup": "start-up, create → first result, ms (median of cycles)",
     "startup_first": "start-up, first pool of a fresh process, ms",
+    "import": "import of the pool's modules, ms (not in start-up)",
     "payload": "bytes round trip, s",
 }
 HIGHER_IS_BETTER = {"asyncio64", "asyncio64_uvloop", "cpu_batch"}
@@ -141,6 +143,12 @@ def _measure_once(
 def run_pool_benchmark(settings: PoolSettings) -> dict[str, Any]:
     params = {**(QUICK_PARAMS if settings.quick else FULL_PARAMS), "workers": settings.workers}
     timeout = QUICK_TIMEOUT_S if settings.quick else FULL_TIMEOUT_S
+    # Bytecode for allcores, as a wheel's install writes it: where PYTHONDONTWRITEBYTECODE
+    # is set (these machines set it) every measuring process would otherwise compile
+    # allcores from source (~40 ms), while the anchors' stdlib ships compiled.
+    subprocess.run(
+        [settings.project_python, "-m", "compileall", "-q", str(REPO_ROOT / "src")], check=False
+    )
     samples: list[dict[str, Any]] = []
     for repeat in range(settings.repeats):
         for workload in settings.workloads:
@@ -181,9 +189,10 @@ def summaries(
     the one that pays for imports and any helper process a pool starts once per program.
     """
     if "startup" in workloads:
-        samples = samples + [_first_startup(s) for s in samples if s["workload"] == "startup"]
+        startups = [s for s in samples if s["workload"] == "startup"]
+        samples = samples + [_first_startup(s) for s in startups] + [_import(s) for s in startups]
         at = workloads.index("startup") + 1
-        workloads = [*workloads[:at], "startup_first", *workloads[at:]]
+        workloads = [*workloads[:at], "startup_first", "import", *workloads[at:]]
     out: dict[str, dict[str, Any]] = {}
     for workload in workloads:
         out[workload] = {}
@@ -205,6 +214,11 @@ def summaries(
 def _first_startup(sample: dict[str, Any]) -> dict[str, Any]:
     cycles = (sample.get("extra") or {}).get("cycles_ms") or [None]
     return {**sample, "workload": "startup_first", "value": cycles[0], "extra": None}
+
+
+def _import(sample: dict[str, Any]) -> dict[str, Any]:
+    value = (sample.get("extra") or {}).get("import_ms")
+    return {**sample, "workload": "import", "value": value, "extra": None}
 
 
 def _paired_ratios(samples: list[dict[str, Any]], workload: str, pool: str) -> list[float]:
