@@ -8,7 +8,10 @@ by accident.
 from __future__ import annotations
 
 import concurrent.futures
+import os
+import signal
 import threading
+import time
 
 import pytest
 
@@ -132,3 +135,20 @@ def test_max_tasks_per_child_counts_direct_tasks() -> None:
         pids = [pool.submit(helpers.pid).result(timeout=30) for _ in range(6)]
         assert pool._direct_sent >= 2
         assert len(set(pids)) == 3 and pids[0] == pids[1] and pids[2] == pids[3]
+
+
+def test_an_idle_worker_killed_from_outside_is_replaced() -> None:
+    # The loop does not read an idle worker's socket; its death must still be seen.
+    with Pool(2) as pool:
+        _warm(pool)
+        victim = pool.worker_pids()[0]
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            pids = pool.worker_pids()
+            if victim not in pids and len(pids) == 2:
+                break
+            time.sleep(0.01)
+        assert victim not in pool.worker_pids() and len(pool.worker_pids()) == 2
+        assert [pool.submit(helpers.add, i).result(timeout=30) for i in range(4)] == [1, 2, 3, 4]
+        assert pool.stats().crashed == 0  # it held no task
