@@ -118,6 +118,10 @@ MAP_INFLIGHT_PER_WORKER = 3
 # wake-ups per round trip instead of four. Frames up to this size qualify: an idle
 # worker has read everything sent to it, so its socket buffer takes them whole.
 DIRECT_MAX_PAYLOAD = 32 * 1024
+# A thread waiting on a direct task polls for its reply this long before it sleeps,
+# when the pool's tasks typically run under SPIN_TASK_TIME (`Pool._spin_for_reply`).
+SPIN_SECONDS = 50e-6
+SPIN_TASK_TIME = 50e-6
 # A direct task whose caller does not wait on it by `result()` (a done callback,
 # `as_completed`, or nobody) is taken over by the loop after this long.
 DIRECT_GRACE = 0.002
@@ -1099,11 +1103,17 @@ class Pool(concurrent.futures.Executor):
             return timeout
         deadline = None if timeout is None else time.monotonic() + timeout
         to_loop = False
+        # Tiny tasks' replies come back within tens of µs: look for them a moment
+        # before sleeping (`_spin_for_reply`).
+        spin = self._run_ema < SPIN_TASK_TIME and (timeout is None or timeout > SPIN_SECONDS)
         try:
             while True:
                 wait = None if deadline is None else max(0.0, deadline - time.monotonic())
                 try:
-                    frame = handle.read_now(wait)
+                    frame = self._spin_for_reply(handle) if spin else None
+                    spin = False
+                    if frame is None:
+                        frame = handle.read_now(wait)
                 except ChannelError:
                     to_loop = True  # EOF or a corrupt stream: the loop ends the worker
                     break
@@ -1124,6 +1134,22 @@ class Pool(concurrent.futures.Executor):
                     task.owner = _OWNER_LOOP if to_loop else _OWNER_NONE
                 handle.release_reading(resume=to_loop)
         return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+    @staticmethod
+    def _spin_for_reply(handle: BackendWorker) -> tuple[bytes | bytearray, list[int]] | None:
+        """Poll for a reply for up to SPIN_SECONDS, yielding the CPU between looks.
+
+        Sleeping and being woken cost two cross-CPU wake-ups of ~10-20 µs each on the
+        dev VM, as much CPU as this spin, and the caller has nothing else to do.
+        Measured one by one: ~78 -> ~55 µs a round trip, same CPU time. sched_yield
+        lets a worker that shares this CPU run first.
+        """
+        until = time.perf_counter() + SPIN_SECONDS
+        while True:
+            frame = handle.read_now(0)
+            if frame is not None or time.perf_counter() >= until:
+                return frame
+            os.sched_yield()
 
     def _finish_direct(
         self, worker: _Worker, task: _Task, frame: tuple[bytes | bytearray, list[int]]
