@@ -69,7 +69,9 @@ def test_pool_part_writes_every_workload(tmp_path: Path) -> None:
     workloads = "one_by_one,map_cs1,map_auto,asyncio64,cpu_batch,startup,payload"
     result = run_quick(tmp_path, "pool", "--pools", "ppe,allcores", "--workloads", workloads)
 
-    assert set(result["summary"]) == {*workloads.split(","), "startup_first"}
+    assert set(result["summary"]) == {*workloads.split(","), "startup_first", "import"}
+    # Imports are timed apart from start-up, for every pool.
+    assert all(result["summary"]["import"][p]["median"] >= 0 for p in ("ppe", "allcores"))
     ppe = [s for s in result["samples"] if s["pool"] == "ppe"]
     assert ppe and all(s["error"] is None and s["value"] > 0 for s in ppe)
     assert {"median", "min", "max", "spread"} <= result["summary"]["one_by_one"]["ppe"].keys()

@@ -261,6 +261,7 @@ class Channel:
     """
 
     def __init__(self, sock: socket.socket, *, raw: bool = False) -> None:
+        self._poller: select.poll | None = None
         self._sock = sock
         self._sock.setblocking(True)
         self._reader = _FrameReader()
@@ -326,6 +327,16 @@ class Channel:
             if not self._closed:
                 self._sock.settimeout(None)
         return self._ready.popleft()
+
+    def readable(self) -> bool:
+        """True when bytes wait to be read (one poll(2), no read: cheap to call often)."""
+        if self._ready:
+            return True
+        poller = self._poller
+        if poller is None:
+            poller = self._poller = select.poll()
+            poller.register(self._sock.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
 
     def poll(self) -> bool:
         """True when a message can be read without blocking."""
