@@ -816,9 +816,22 @@ class Pool(concurrent.futures.Executor):
                 future.set_result(value)
             except (concurrent.futures.InvalidStateError, asyncio.InvalidStateError):
                 pass  # Cancelled (or timed out) meanwhile.
-        # After the result: freeing a large argument's shared memory takes ~10 ms
-        # per 100 MiB, which the caller need not wait for.
-        task.packed.close()
+        self._release_packed(task.packed)
+
+    def _release_packed(self, packed: Packed) -> None:
+        """Close a settled task's message. Freeing a large argument's shared memory
+        takes ~10 ms per 100 MiB, which a caller that reads its own reply (a direct
+        task) should not wait for: the loop does it then."""
+        if packed.segment is None or self._on_loop_thread():
+            packed.close()
+            return
+        loop = self._loop
+        try:
+            if loop is None:
+                raise RuntimeError("no loop")
+            loop.call_soon_threadsafe(packed.close)
+        except RuntimeError:  # the loop is closed: close it here
+            packed.close()
 
     def _settle_error(self, task: _Task, exc: BaseException) -> None:
         if task.timer is not None:
