@@ -45,6 +45,17 @@ def kill_self() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def die_leaving_a_grandchild(pid_file: str) -> None:
+    """Fork a child that outlives this worker (holding its inherited fds), then die."""
+    child = os.fork()
+    if child == 0:
+        time.sleep(60)
+        os._exit(0)
+    with open(pid_file, "w") as f:
+        f.write(str(child))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def segfault() -> None:
     ctypes.string_at(0)
 

@@ -8,14 +8,18 @@ by accident.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
+from allcores.ipc.channel import MAX_FDS
 from allcores.pool import Pool, WorkerCrashedError
+from allcores.shm.segment import Segment
 from tests.pool import helpers
 from tests.pool.conftest import wait_gone
 
@@ -152,3 +156,52 @@ def test_an_idle_worker_killed_from_outside_is_replaced() -> None:
         assert victim not in pool.worker_pids() and len(pool.worker_pids()) == 2
         assert [pool.submit(helpers.add, i).result(timeout=30) for i in range(4)] == [1, 2, 3, 4]
         assert pool.stats().crashed == 0  # it held no task
+
+
+def test_polling_result_with_tiny_timeouts_completes() -> None:
+    # Each timed-out result() hands the reply back; the last one must still get it.
+    with Pool(1) as pool:
+        _warm(pool)
+        before = pool._direct_sent
+        slow = pool.submit(helpers.sleep_then, 0.3, "polled")
+        assert pool._direct_sent - before == 1
+        deadline = time.monotonic() + 30
+        value = None
+        while time.monotonic() < deadline:
+            try:
+                value = slow.result(timeout=0.001)
+                break
+            except concurrent.futures.TimeoutError:
+                continue
+        assert value == "polled"
+
+
+def test_a_worker_dying_while_its_grandchild_lives_is_seen(tmp_path: Path) -> None:
+    # The grandchild holds the worker's socket and multiprocessing's sentinel open;
+    # the pool must see the worker's own death (a pidfd), not wait for the grandchild.
+    pid_file = tmp_path / "grandchild"
+    with Pool(1) as pool:
+        _warm(pool)
+        future = pool.submit(helpers.die_leaving_a_grandchild, str(pid_file))
+        try:
+            with pytest.raises(WorkerCrashedError):
+                future.result(timeout=30)  # the grandchild lives 60 s
+            assert pool.submit(helpers.add, 1).result(timeout=30) == 2
+        finally:
+            if pid_file.exists():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+def test_more_shared_blocks_than_a_frame_carries_fail_at_submit() -> None:
+    with Pool(1) as pool:
+        _warm(pool)
+        segments = [Segment.create(16) for _ in range(MAX_FDS + 1)]
+        try:
+            with pytest.raises(ValueError, match="at most"):
+                pool.submit(helpers.identity, segments)
+        finally:
+            for segment in segments:
+                segment.close()
+        assert pool.submit(helpers.add, 1).result(timeout=30) == 2
+        assert pool.stats().queued == 0

@@ -39,6 +39,7 @@ import pickle
 import select
 import socket
 import struct
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -527,18 +528,23 @@ class AsyncChannel:
         """
         if self._held:
             return self._held.pop(0)
+        if self._closed:
+            raise ChannelClosed("channel is closed")
         reader = self._reader
         poller = self._poller
         if poller is None:
             poller = self._poller = select.poll()  # not select(): fds past 1023 exist
             poller.register(self._sock.fileno(), select.POLLIN)
-        wait_ms = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if reader.mid_frame():
                 frames = reader.frames()
                 if frames:
                     self._held.extend(frames[1:])
                     return frames[0]
+            wait_ms = None
+            if deadline is not None:
+                wait_ms = max(0, int((deadline - time.monotonic()) * 1000 + 0.999))
             if not poller.poll(wait_ms):
                 return None
             try:

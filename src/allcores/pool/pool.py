@@ -51,6 +51,7 @@ from typing import Any, Literal, TypeVar
 
 from allcores._system import available_cpus
 from allcores.errors import ChannelError
+from allcores.ipc.channel import MAX_FDS
 from allcores.observe.scoreboard import RowState, Scoreboard
 from allcores.pool import _protocol as proto
 from allcores.pool._serialize import (
@@ -707,7 +708,8 @@ class Pool(concurrent.futures.Executor):
     def _on_message(self, worker: _Worker, payload: bytes | bytearray, fds: list[int]) -> None:
         kind, _nbuf, _nuser, task_id, seconds = read_head(payload)
         if kind == proto.RESULT or kind == proto.ERROR or kind == proto.CHUNK_RESULT:
-            if worker.direct is not None:
+            direct = worker.direct
+            if direct is not None and direct.id == task_id:
                 self._adopt_direct(worker, force=True)
             task = worker.inflight.pop(task_id, None)
             if task is None:
@@ -883,6 +885,13 @@ class Pool(concurrent.futures.Executor):
         else:
             packed = pack(proto.CHUNK, task_id, (blob, chunk))
             task = _Task(task_id, fn, None, packed, timeout, len(chunk))
+        if len(packed.fds) > MAX_FDS:
+            count = len(packed.fds)
+            packed.close()
+            raise ValueError(
+                f"a task can carry at most {MAX_FDS} shared-memory blocks and large "
+                f"buffers, this one has {count}; pass fewer, or one larger SharedArray"
+            )
         try:
             # A map bounds its own chunks in flight, so they never meet max_queue.
             self._reserve(enforce=chunk is None)
@@ -1048,6 +1057,8 @@ class Pool(concurrent.futures.Executor):
         packed = task.packed
         if task.timeout is not None or len(packed.payload) > DIRECT_MAX_PAYLOAD:
             return False
+        future = task.future
+        assert isinstance(future, concurrent.futures.Future)
         with self._idle_lock:
             if not self._idle or self._closing:
                 return False
@@ -1055,44 +1066,52 @@ class Pool(concurrent.futures.Executor):
                 if self._queued != 1:  # 1: this task's own reservation
                     return False
                 self._queued -= 1
+                wake_waiters = bool(self._room_waiters or self._drain_waiters)
             worker = self._idle.pop()
+            # Every field is set before the task is published (worker.direct): the
+            # sweep, or the loop ending this worker, may look at it at once.
+            task.running_set = True
+            future.set_running_or_notify_cancel()  # new: nobody can have cancelled it
+            task.state = _SENT
+            task.worker = worker
+            task.started = self._last_direct = time.monotonic()
+            worker.sent += 1
             worker.direct = task
             task.owner = _OWNER_NONE
             self._direct_live.add(task)
             self._direct_sent += 1
-            self._last_direct = now = time.monotonic()
             start_sweeping = not self._sweeping
             self._sweeping = True
-        future = task.future
-        assert isinstance(future, concurrent.futures.Future)
-        task.running_set = True
-        future.set_running_or_notify_cancel()  # new: nobody can have cancelled it
-        task.state = _SENT
-        task.worker = worker
-        task.started = now
-        worker.sent += 1
         handle = worker.handle
         if handle is not None and handle.send_from_thread(packed.payload, packed.fds):
             if start_sweeping:
-                self._call(self._sweep_direct)
-            if self._drain_waiters:
-                self._call(self._queue_shrank)
+                self._post(self._sweep_direct)
+            if wake_waiters:
+                self._post(self._queue_shrank)
             return True
-        # Nothing went (the channel is busy or closing): the loop sends it instead.
+        # Nothing went (the worker died, or its channel is closing): unless the loop
+        # has already settled the task (it saw the worker end), the loop sends it.
+        # The sweep keeps running (an extra sweep is harmless; a missing one is not).
         with self._idle_lock:
+            if worker.direct is not task:
+                return True  # the loop adopted it and failed it with the worker
             worker.direct = None
             task.owner = _OWNER_LOOP
             self._direct_live.discard(task)
-            worker.sent -= 1
             self._direct_sent -= 1
-            self._idle.append(worker)
-            if start_sweeping:
-                self._sweeping = False
+            worker.sent -= 1
+            if worker.id in self._workers and worker.state == _READY:
+                self._idle.append(worker)
             with self._count_lock:
                 self._queued += 1
-        task.state = _QUEUED
-        task.worker = None
+            task.state = _QUEUED
+            task.worker = None
         return False
+
+    def _post(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run fn(*args) on the loop; nothing when the loop has closed meanwhile."""
+        with contextlib.suppress(PoolClosedError):
+            self._call(fn, *args)
 
     def _wait_direct(self, task: _Task, timeout: float | None) -> float | None:
         """Wait for a direct task by reading its worker's reply in this thread.
@@ -1111,14 +1130,14 @@ class Pool(concurrent.futures.Executor):
             claimed = handle is not None and handle.claim_reading()
             task.owner = _OWNER_CALLER if claimed else _OWNER_LOOP
         if not claimed or handle is None:
-            with contextlib.suppress(PoolClosedError):  # closed: it was settled already
-                self._call(self._direct_takeover, task)
+            self._post(self._direct_takeover, task)
             return timeout
         deadline = None if timeout is None else time.monotonic() + timeout
-        to_loop = False
         # Tiny tasks' replies come back within tens of µs: look for them a moment
         # before sleeping (`_spin_for_reply`).
         spin = self._run_ema < SPIN_TASK_TIME and (timeout is None or timeout > SPIN_SECONDS)
+        finished = False
+        to_loop = False
         try:
             while True:
                 wait = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -1132,19 +1151,24 @@ class Pool(concurrent.futures.Executor):
                     break
                 if frame is None:
                     break  # timed out: the task goes back to nobody (the sweep's)
-                if self._finish_direct(worker, task, frame):
-                    return None if deadline is None else max(0.0, deadline - time.monotonic())
-                # Not this task's reply (never expected): the loop deals with it.
-                self._call(self._on_message, worker, frame[0], frame[1])
+                finished = self._finish_direct(worker, task, frame)
+                if finished:
+                    break
+                # Not this task's reply (a cancelled task's late result, say): the
+                # loop drops it, and reads this worker from now on.
+                self._post(self._on_message, worker, frame[0], frame[1])
                 to_loop = True
                 break
         except BaseException:
             to_loop = True
             raise
         finally:
-            if task.owner == _OWNER_CALLER:
+            if not finished:
                 with self._idle_lock:
-                    task.owner = _OWNER_LOOP if to_loop else _OWNER_NONE
+                    if task.owner == _OWNER_CALLER:
+                        task.owner = _OWNER_LOOP if to_loop else _OWNER_NONE
+                # A resume asked for meanwhile (the sweep) is kept by the claim and
+                # honoured here.
                 handle.release_reading(resume=to_loop)
         return None if deadline is None else max(0.0, deadline - time.monotonic())
 
@@ -1167,29 +1191,38 @@ class Pool(concurrent.futures.Executor):
     def _finish_direct(
         self, worker: _Worker, task: _Task, frame: tuple[bytes | bytearray, list[int]]
     ) -> bool:
-        """Settle a direct task from its reply, in the waiting thread; False if the
-        frame is not that reply."""
+        """Settle a direct task from its reply, in the waiting thread, and release the
+        claim on its worker's socket; False (claim kept) if the frame is not that reply."""
         payload, fds = frame
         kind, _nbuf, _nuser, task_id, seconds = read_head(payload)
         if task_id != task.id or (kind != proto.RESULT and kind != proto.ERROR):
             return False
         limit = self._settings.max_tasks_per_child
-        # Released before the worker is idle again: the loop may then dispatch to it
-        # at once, and it must find the socket free to read.
+        with self._idle_lock:
+            ours = worker.direct is task
+            back = False
+            if ours:
+                worker.direct = None
+                task.owner = _OWNER_LOOP
+                self._direct_live.discard(task)
+                back = (
+                    worker.id in self._workers
+                    and worker.state == _READY
+                    and not self._closing
+                    and (limit is None or worker.sent < limit)
+                )
+                if back:
+                    worker.idle_since = time.monotonic()
+                    self._idle.append(worker)
+        # Released after the task is detached (the loop, ending this worker, must not
+        # adopt it too) and after the worker is idle again; a dispatch that came in
+        # between asked to resume reading, which the release honours.
         assert worker.handle is not None
         worker.handle.release_reading(resume=False)
-        with self._idle_lock:
-            worker.direct = None
-            task.owner = _OWNER_LOOP
-            self._direct_live.discard(task)
-            back = (
-                worker.state == _READY
-                and not self._closing
-                and (limit is None or worker.sent < limit)
-            )
-            if back:
-                worker.idle_since = time.monotonic()
-                self._idle.append(worker)
+        if not ours:
+            for fd in fds:
+                os.close(fd)
+            return True  # the loop settled it meanwhile
         # The loop folds these into the counts and histograms (`_fold_direct_stats`).
         self._direct_stats.append((kind, seconds, task.started - task.submitted))
         self._run_ema += (seconds - self._run_ema) * 0.1
@@ -1218,7 +1251,7 @@ class Pool(concurrent.futures.Executor):
                 and self._idle_timer is None
             )
         ):
-            self._call(self._after_direct, worker)
+            self._post(self._after_direct, worker)
         return True
 
     def _after_direct(self, worker: _Worker) -> None:
@@ -1689,10 +1722,14 @@ class Pool(concurrent.futures.Executor):
             limit = self._settings.max_queue
             if self._broken is not None:
                 waiter.set_exception(self._broken)
-            elif limit is None or self._queued < limit:
+                return
+            # Under _count_lock: a direct submit lowers _queued from another thread.
+            with self._count_lock:
+                room = limit is None or self._queued < limit
+                if not room:
+                    self._room_waiters.append(waiter)
+            if room:
                 waiter.set_result(None)
-            else:
-                self._room_waiters.append(waiter)
 
         self._call(check)
         await asyncio.wrap_future(waiter)
@@ -1717,10 +1754,13 @@ class Pool(concurrent.futures.Executor):
         waiter: concurrent.futures.Future[None] = concurrent.futures.Future()
 
         def check() -> None:
-            if self._queued == 0 or self._broken is not None:
+            # Under _count_lock: a direct submit lowers _queued from another thread.
+            with self._count_lock:
+                done = self._queued == 0 or self._broken is not None
+                if not done:
+                    self._drain_waiters.append(waiter)
+            if done:
                 waiter.set_result(None)
-            else:
-                self._drain_waiters.append(waiter)
 
         self._call(check)
         return waiter

@@ -9,7 +9,7 @@
     on_message  ◄─ AsyncChannel (loop reads, add_reader) ◄─ Channel.send_bytes
     kill() ─ SIGKILL
     stop() ─ close the channel ─────────────────────────► EOF: exit 0
-    on_exit ◄── loop.add_reader(process.sentinel), after the channel's EOF is read
+    on_exit ◄── loop.add_reader(pidfd, else process.sentinel), after the channel's EOF
                 (so a result sent just before death is not lost), then join()
 
 Start method: ``fork`` while this process has a single OS thread (fast: ~1 ms, and
@@ -103,6 +103,8 @@ class ProcessWorker(BackendWorker):
         self._claim_lock = threading.Lock()
         self._claimed = False
         self._finish_deferred = False
+        self._resume_pending = False  # asked for while claimed: done at the release
+        self._pidfd: int | None = None
 
     def attach(
         self, loop: asyncio.AbstractEventLoop, on_message: OnMessage, on_exit: OnExit
@@ -112,7 +114,7 @@ class ProcessWorker(BackendWorker):
         self._channel = AsyncChannel(
             self.sock, on_message, self._on_channel_closed, loop=loop, raw=True
         )
-        loop.add_reader(self.process.sentinel, self._on_sentinel)
+        loop.add_reader(self._exit_fd(), self._on_sentinel)
 
     def send(self, payload: bytes | bytearray | memoryview, fds: Sequence[int] = ()) -> None:
         channel = self._channel
@@ -135,6 +137,7 @@ class ProcessWorker(BackendWorker):
     def resume_reading(self) -> None:
         with self._claim_lock:
             if self._claimed:
+                self._resume_pending = True
                 return
         if self._channel is not None:
             self._channel.resume_reading()
@@ -158,6 +161,8 @@ class ProcessWorker(BackendWorker):
         with self._claim_lock:
             self._claimed = False
             deferred, self._finish_deferred = self._finish_deferred, False
+            resume = resume or self._resume_pending
+            self._resume_pending = False
         loop = self._loop
         if (deferred or resume) and loop is not None:
             with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to do
@@ -190,9 +195,25 @@ class ProcessWorker(BackendWorker):
         if self._sentinel_seen:
             self._finish()
 
+    def _exit_fd(self) -> int:
+        """An fd readable once the worker has exited: a pidfd where the kernel has
+        them, else multiprocessing's sentinel pipe, which a grandchild the worker
+        forked keeps open (the worker's end would then go unseen while it lives)."""
+        if self._pidfd is None:
+            self._pidfd = -1
+            if self.pid is not None and hasattr(os, "pidfd_open"):
+                with contextlib.suppress(OSError):
+                    self._pidfd = os.pidfd_open(self.pid)
+        return self._pidfd if self._pidfd >= 0 else self.process.sentinel
+
+    def _close_pidfd(self) -> None:
+        if self._pidfd is not None and self._pidfd >= 0:
+            os.close(self._pidfd)
+        self._pidfd = -1
+
     def _on_sentinel(self) -> None:
         assert self._loop is not None
-        self._loop.remove_reader(self.process.sentinel)
+        self._loop.remove_reader(self._exit_fd())
         with self._claim_lock:
             self._sentinel_seen = True
             claimed = self._claimed
@@ -209,7 +230,12 @@ class ProcessWorker(BackendWorker):
             return
         with self._claim_lock:
             if self._claimed:
+                # The claiming thread reads on until EOF, which a grandchild holding
+                # the worker's end could put off forever: end our reading side now
+                # (frames already queued are still read first).
                 self._finish_deferred = True
+                with contextlib.suppress(OSError):
+                    self.sock.shutdown(socket.SHUT_RD)
                 return
             # Under the lock: a thread must not claim the socket this closes.
             self._exited = True
@@ -217,6 +243,7 @@ class ProcessWorker(BackendWorker):
             self._grace.cancel()
         if self._channel is not None:
             self._channel.close()
+        self._close_pidfd()
         self.process.join()
         exitcode = self.process.exitcode
         self.process.close()
@@ -231,7 +258,8 @@ class ProcessWorker(BackendWorker):
         loop = self._loop
         if loop is not None and not loop.is_closed() and not self._sentinel_seen:
             with contextlib.suppress(ValueError, RuntimeError, OSError):
-                loop.remove_reader(self.process.sentinel)
+                loop.remove_reader(self._exit_fd())
+        self._close_pidfd()
         with contextlib.suppress(OSError, ValueError):
             self.process.kill()
         self.process.join()
