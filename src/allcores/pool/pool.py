@@ -425,7 +425,9 @@ class Pool(concurrent.futures.Executor):
         # socket is never read by the loop (it pauses reading), so such a thread may.
         self._idle_lock = threading.Lock()
         self._direct_live: set[_Task] = set()
-        self._direct_stats: collections.deque[tuple[int, float, float]] = collections.deque()
+        # (count to add to or None, run seconds, wait seconds) of direct tasks, recorded
+        # by the threads that read their replies, folded in by the loop.
+        self._direct_stats: collections.deque[tuple[str | None, float, float]] = collections.deque()
         self._last_direct = 0.0
         self._sweeping = False
         self._direct_sent = 0  # tasks that went by `_send_direct` (for tests and tuning)
@@ -765,31 +767,9 @@ class Pool(concurrent.futures.Executor):
         self._run_time.add(seconds)
         self._busy_seconds += seconds
         self._run_ema += (seconds - self._run_ema) * 0.1
-        try:
-            value = unpack(payload, fds)
-        except BaseException as unpickling_error:
-            unpickling_error.add_note(f"(while the pool unpickled the result of {task.describe()})")
-            self._settle_error(task, unpickling_error)
-        else:
-            if kind == proto.RESULT:
-                self._counts["completed"] += 1
-                if type(value) is SameAsArgument:
-                    value = task.args[0][value.index]
-                self._settle(task, value)
-            elif kind == proto.ERROR:
-                remote, tb = value
-                remote.__cause__ = RemoteTraceback(tb)
-                self._counts["failed"] += 1
-                self._settle_error(task, remote)
-            else:
-                results, error = value
-                if error is not None:
-                    error[0].__cause__ = RemoteTraceback(error[1])
-                    error = error[0]
-                    self._counts["failed"] += 1
-                else:
-                    self._counts["completed"] += 1
-                self._settle(task, (results, error, seconds))
+        outcome = self._settle_reply(task, kind, seconds, payload, fds)
+        if outcome is not None:
+            self._counts[outcome] += 1
         if worker.inflight:
             self._start_running(next(iter(worker.inflight.values())))
         elif worker.state == _READY:
@@ -805,6 +785,37 @@ class Pool(concurrent.futures.Executor):
             self._pump()
         if self._closing:
             self._maybe_finish_shutdown()
+
+    def _settle_reply(
+        self, task: _Task, kind: int, seconds: float, payload: bytes | bytearray, fds: list[int]
+    ) -> str | None:
+        """Unpickle a worker's reply and settle its task (any thread).
+
+        Returns the count it adds to: "completed", "failed", or None when the reply
+        would not unpickle (the task fails with that error).
+        """
+        try:
+            value = unpack(payload, fds)
+        except BaseException as unpickling_error:
+            unpickling_error.add_note(f"(while the pool unpickled the result of {task.describe()})")
+            self._settle_error(task, unpickling_error)
+            return None
+        if kind == proto.RESULT:
+            if type(value) is SameAsArgument:
+                value = task.args[0][value.index]
+            self._settle(task, value)
+            return "completed"
+        if kind == proto.ERROR:
+            remote, tb = value
+            remote.__cause__ = RemoteTraceback(tb)
+            self._settle_error(task, remote)
+            return "failed"
+        results, error = value  # CHUNK_RESULT
+        if error is not None:
+            error[0].__cause__ = RemoteTraceback(error[1])
+            error = error[0]
+        self._settle(task, (results, error, seconds))
+        return "completed" if error is None else "failed"
 
     # ── futures ────────────────────────────────────────────────────────────────
 
@@ -1223,23 +1234,10 @@ class Pool(concurrent.futures.Executor):
             for fd in fds:
                 os.close(fd)
             return True  # the loop settled it meanwhile
-        # The loop folds these into the counts and histograms (`_fold_direct_stats`).
-        self._direct_stats.append((kind, seconds, task.started - task.submitted))
         self._run_ema += (seconds - self._run_ema) * 0.1
-        try:
-            value = unpack(payload, fds)
-        except BaseException as unpickling_error:
-            unpickling_error.add_note(f"(while the pool unpickled the result of {task.describe()})")
-            self._settle_error(task, unpickling_error)
-        else:
-            if kind == proto.RESULT:
-                if type(value) is SameAsArgument:
-                    value = task.args[0][value.index]
-                self._settle(task, value)
-            else:
-                remote, tb = value
-                remote.__cause__ = RemoteTraceback(tb)
-                self._settle_error(task, remote)
+        outcome = self._settle_reply(task, kind, seconds, payload, fds)
+        # The loop folds these into the counts and histograms (`_fold_direct_stats`).
+        self._direct_stats.append((outcome, seconds, task.started - task.submitted))
         settings = self._settings
         if (
             not back
@@ -1328,11 +1326,12 @@ class Pool(concurrent.futures.Executor):
         """Counts and histograms of direct tasks, recorded by waiting threads (loop)."""
         pending = self._direct_stats
         while pending:
-            kind, seconds, wait = pending.popleft()
+            outcome, seconds, wait = pending.popleft()
             self._run_time.add(seconds)
             self._wait_time.add(wait)
             self._busy_seconds += seconds
-            self._counts["completed" if kind == proto.RESULT else "failed"] += 1
+            if outcome is not None:
+                self._counts[outcome] += 1
 
     def _start_running(self, task: _Task) -> None:
         task.started = now = time.monotonic()
@@ -1808,8 +1807,8 @@ class Pool(concurrent.futures.Executor):
             max_queue=self._settings.max_queue,
             utilisation=min(1.0, self._busy_seconds / alive) if alive > 0 else 0.0,
             submitted=counts["submitted"],
-            completed=counts["completed"] + sum(1 for p in pending if p[0] == proto.RESULT),
-            failed=counts["failed"] + sum(1 for p in pending if p[0] != proto.RESULT),
+            completed=counts["completed"] + sum(1 for p in pending if p[0] == "completed"),
+            failed=counts["failed"] + sum(1 for p in pending if p[0] == "failed"),
             crashed=counts["crashed"],
             timed_out=counts["timed_out"],
             cancelled=counts["cancelled"],
