@@ -28,7 +28,6 @@ from __future__ import annotations
 import collections
 import os
 import pickle
-import struct
 import time
 import traceback
 from typing import Any, Protocol
@@ -67,7 +66,6 @@ CHUNK_RESULT = 14
 # look wastes at most that task's run; looking before every task cost 3 syscalls
 # per task, ~10 % of a tiny task's round trip.
 SKIP_POLL_INTERVAL = 0.001
-_DOUBLE = struct.Struct("=d")
 # A worker whose next task came within SPIN_GAP of its last reply (a caller sending
 # tiny tasks one by one) polls for the next one this long before sleeping, yielding
 # the CPU between looks. Being woken costs a cross-CPU wake-up (~10-20 µs on the dev
@@ -108,7 +106,7 @@ class _RowWriter:
     task cost ~3 µs, a third of a tiny task's time in the worker.
     """
 
-    __slots__ = ("_beat", "_buf", "_q", "_state", "_tasks", "_total", "total")
+    __slots__ = ("_beat", "_buf", "_d", "_q", "_state", "_tasks", "_total", "total")
 
     def __init__(self, row: Row | None) -> None:
         self._buf: memoryview | None = None
@@ -118,7 +116,7 @@ class _RowWriter:
         self._buf, self._state, self._q = row.slot("state")
         self._tasks = row.slot("tasks")[1]
         self._total = row.slot("tasks_total")[1]
-        self._beat = row.slot("heartbeat")[1]
+        _buf, self._beat, self._d = row.slot("heartbeat")
         self.total = int(row.get("tasks_total"))
 
     def start(self) -> None:
@@ -127,7 +125,7 @@ class _RowWriter:
             pack_into = self._q.pack_into
             pack_into(buf, self._state, RowState.BUSY)
             pack_into(buf, self._tasks, 1)
-            _DOUBLE.pack_into(buf, self._beat, time.monotonic())
+            self._d.pack_into(buf, self._beat, time.monotonic())
 
     def finish(self) -> None:
         buf = self._buf
@@ -137,7 +135,7 @@ class _RowWriter:
             pack_into(buf, self._tasks, 0)
             pack_into(buf, self._total, self.total)
             pack_into(buf, self._state, RowState.READY)
-            _DOUBLE.pack_into(buf, self._beat, time.monotonic())
+            self._d.pack_into(buf, self._beat, time.monotonic())
 
 
 def _setup(endpoint: Endpoint) -> _RowWriter | None:
