@@ -205,3 +205,61 @@ def test_more_shared_blocks_than_a_frame_carries_fail_at_submit() -> None:
                 segment.close()
         assert pool.submit(helpers.add, 1).result(timeout=30) == 2
         assert pool.stats().queued == 0
+
+
+class _Interrupted(Exception):
+    """What a SIGALRM handler raises in the waiting thread, like Ctrl-C would."""
+
+
+def _raise_interrupted(_signum: int, _frame: object) -> None:
+    raise _Interrupted
+
+
+def test_an_interrupted_wait_loses_nothing() -> None:
+    # Ctrl-C in result() cuts the thread that reads the reply: the task must still
+    # complete, a later wait must get its result, and the pool must shut down.
+    previous = signal.signal(signal.SIGALRM, _raise_interrupted)
+    interrupted = False
+    try:
+        with Pool(1) as pool:
+            _warm(pool)
+            before = pool._direct_sent
+            task = pool.submit(helpers.sleep_then, 0.5, "kept")
+            assert pool._direct_sent - before == 1
+            signal.setitimer(signal.ITIMER_REAL, 0.05)  # while the caller waits
+            try:
+                task.result(timeout=30)
+            except _Interrupted:
+                interrupted = True
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            assert interrupted
+            assert task.result(timeout=30) == "kept"
+            assert pool.submit(helpers.add, 1).result(timeout=30) == 2
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_an_interrupt_after_the_reply_was_read_still_settles_the_task(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The reply is already out of the socket when the interrupt lands: only the
+    # thread holds it, so the pool must settle the task from it, not wait forever.
+    with Pool(1) as pool:
+        _warm(pool)
+        real = pool._finish_direct
+        calls = []
+
+        def interrupted_once(*args: object) -> bool:
+            calls.append(args)
+            if len(calls) == 1:
+                raise _Interrupted
+            return real(*args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(pool, "_finish_direct", interrupted_once)
+        task = pool.submit(helpers.add, 41)
+        with pytest.raises(_Interrupted):
+            task.result(timeout=30)
+        assert task.result(timeout=30) == 42
+        monkeypatch.undo()
+        assert [pool.submit(helpers.add, i).result(timeout=30) for i in range(3)] == [1, 2, 3]

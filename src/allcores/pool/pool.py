@@ -1149,6 +1149,8 @@ class Pool(concurrent.futures.Executor):
         spin = self._run_ema < SPIN_TASK_TIME and (timeout is None or timeout > SPIN_SECONDS)
         finished = False
         to_loop = False
+        interrupted = False
+        frame: tuple[bytes | bytearray, list[int]] | None = None
         try:
             while True:
                 wait = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -1168,20 +1170,65 @@ class Pool(concurrent.futures.Executor):
                 # Not this task's reply (a cancelled task's late result, say): the
                 # loop drops it, and reads this worker from now on.
                 self._post(self._on_message, worker, frame[0], frame[1])
+                frame = None
                 to_loop = True
                 break
         except BaseException:
-            to_loop = True
+            # Ctrl-C (or another exception raised asynchronously) in the middle of the
+            # read or of settling: the loop recovers the task (`_direct_interrupted`).
+            interrupted = True
             raise
         finally:
             if not finished:
                 with self._idle_lock:
                     if task.owner == _OWNER_CALLER:
-                        task.owner = _OWNER_LOOP if to_loop else _OWNER_NONE
-                # A resume asked for meanwhile (the sweep) is kept by the claim and
-                # honoured here.
-                handle.release_reading(resume=to_loop)
+                        task.owner = _OWNER_LOOP if to_loop or interrupted else _OWNER_NONE
+            # Released once, after the task is detached (the loop, ending this worker,
+            # must not adopt it too). A resume asked for meanwhile (the sweep, or a
+            # dispatch to the worker once idle again) is kept by the claim and
+            # honoured here.
+            handle.release_reading(resume=to_loop and not interrupted)
+            if interrupted and not finished:
+                self._post(self._direct_interrupted, worker, task, frame)
         return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+    def _direct_interrupted(
+        self,
+        worker: _Worker,
+        task: _Task,
+        frame: tuple[bytes | bytearray, list[int]] | None,
+    ) -> None:
+        """The thread reading a direct task's reply was interrupted: finish it here.
+
+        Without the reply in hand, the loop reads it: the task becomes the loop's. A
+        read cut between its syscall and the buffer leaves a corrupt stream, which
+        ends the worker (WorkerCrashedError), never a hang. With the reply taken but
+        the task not settled, it is settled from that reply.
+        """
+        with self._idle_lock:
+            attached = worker.direct is task
+            if attached:
+                worker.direct = None
+                task.owner = _OWNER_LOOP
+                self._direct_live.discard(task)
+        if frame is None:
+            if attached:
+                worker.inflight[task.id] = task
+                if worker.handle is not None:
+                    worker.handle.resume_reading()
+            return
+        payload, fds = frame
+        if task.state == _DONE:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        else:
+            _kind, _nbuf, _nuser, _task_id, seconds = read_head(payload)
+            outcome = self._settle_reply(task, _kind, seconds, payload, fds)
+            if outcome is not None:
+                self._counts[outcome] += 1
+        if attached and worker.state == _READY and not worker.inflight:
+            self._after_direct(worker)
 
     @staticmethod
     def _spin_for_reply(handle: BackendWorker) -> tuple[bytes | bytearray, list[int]] | None:
@@ -1202,8 +1249,8 @@ class Pool(concurrent.futures.Executor):
     def _finish_direct(
         self, worker: _Worker, task: _Task, frame: tuple[bytes | bytearray, list[int]]
     ) -> bool:
-        """Settle a direct task from its reply, in the waiting thread, and release the
-        claim on its worker's socket; False (claim kept) if the frame is not that reply."""
+        """Settle a direct task from its reply, in the waiting thread (which still holds
+        the claim on the worker's socket); False if the frame is not that reply."""
         payload, fds = frame
         kind, _nbuf, _nuser, task_id, seconds = read_head(payload)
         if task_id != task.id or (kind != proto.RESULT and kind != proto.ERROR):
@@ -1225,11 +1272,6 @@ class Pool(concurrent.futures.Executor):
                 if back:
                     worker.idle_since = time.monotonic()
                     self._idle.append(worker)
-        # Released after the task is detached (the loop, ending this worker, must not
-        # adopt it too) and after the worker is idle again; a dispatch that came in
-        # between asked to resume reading, which the release honours.
-        assert worker.handle is not None
-        worker.handle.release_reading(resume=False)
         if not ours:
             for fd in fds:
                 os.close(fd)
