@@ -32,6 +32,7 @@ import threading
 from collections.abc import Callable, Sequence
 
 from allcores._system import os_thread_count
+from allcores.errors import ChannelError
 from allcores.ipc.channel import AsyncChannel, Channel, channel_pair
 from allcores.pool.backends import _process_worker
 from allcores.pool.backends.base import (
@@ -123,8 +124,8 @@ class ProcessWorker(BackendWorker):
         # try, not contextlib.suppress: this runs per task, and suppress builds an object.
         try:  # noqa: SIM105
             channel.send_bytes(payload, fds)
-        except OSError:
-            pass  # A broken channel: the sentinel tells the pool, as above.
+        except (OSError, ChannelError):
+            pass  # A broken channel (ChannelClosed): its exit fd tells the pool.
 
     def send_from_thread(self, payload: bytes | bytearray | memoryview, fds: Sequence[int]) -> bool:
         channel = self._channel
