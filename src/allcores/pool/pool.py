@@ -772,15 +772,8 @@ class Pool(concurrent.futures.Executor):
             self._counts[outcome] += 1
         if worker.inflight:
             self._start_running(next(iter(worker.inflight.values())))
-        elif worker.state == _READY:
-            limit = self._settings.max_tasks_per_child
-            if limit is not None and worker.sent >= limit:
-                self._retire(worker)
-                self._grow()
-            else:
-                worker.idle_since = time.monotonic()
-                self._make_idle(worker)
-                self._schedule_idle_check()
+        elif worker.state == _READY and self._release_worker(worker):
+            self._schedule_idle_check()
         if self._queue:
             self._pump()
         if self._closing:
@@ -1294,19 +1287,25 @@ class Pool(concurrent.futures.Executor):
             self._post(self._after_direct, worker)
         return True
 
+    def _release_worker(self, worker: _Worker) -> bool:
+        """A READY worker with no task left: retire it at max_tasks_per_child (and start
+        its replacement), else make it idle. True when it went idle."""
+        limit = self._settings.max_tasks_per_child
+        if limit is not None and worker.sent >= limit:
+            self._retire(worker)
+            self._grow()
+            return False
+        worker.idle_since = time.monotonic()
+        self._make_idle(worker)
+        return True
+
     def _after_direct(self, worker: _Worker) -> None:
         """Loop side of a direct task's end: retire, refill, shut down, or shrink."""
         if worker.state == _READY and worker.direct is None and not worker.inflight:
             with self._idle_lock:
                 idle = worker in self._idle
             if not idle:
-                limit = self._settings.max_tasks_per_child
-                if limit is not None and worker.sent >= limit:
-                    self._retire(worker)
-                    self._grow()
-                else:
-                    worker.idle_since = time.monotonic()
-                    self._make_idle(worker)
+                self._release_worker(worker)
         if self._queue:
             self._pump()
         if self._closing:
