@@ -428,6 +428,11 @@ class AsyncChannel:
         self._paused = False
         self._held: list[tuple[bytes | bytearray, list[int]]] = []
         self._poller: select.poll | None = None
+        # Set while `read_now` moves bytes from the socket into the frame reader: if
+        # an exception (Ctrl-C) cuts it there, bytes may have left the socket without
+        # reaching the buffer, and the stream can no longer be trusted.
+        self._read_cut = False
+        self._send_cut = False
         self._loop.add_reader(sock.fileno(), self._on_readable)
 
     @property
@@ -442,6 +447,14 @@ class AsyncChannel:
     @property
     def paused(self) -> bool:
         return self._paused
+
+    @property
+    def in_doubt(self) -> bool:
+        """True when a `read_now` or `send_now` was cut (by an exception raised
+        asynchronously, such as KeyboardInterrupt) while it moved bytes between the
+        socket and its buffers: frame boundaries may be lost, in one direction or the
+        other, and the stream must not be trusted."""
+        return self._read_cut or self._send_cut
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -489,12 +502,15 @@ class AsyncChannel:
         if self._closed or self._out:
             return False
         data = frame_header(len(payload), len(fds)) + bytes(payload)
+        self._send_cut = True  # like _read_cut, for a frame half written
         try:
             sent = self._sock.sendmsg([data], _fds_ancillary(fds))
         except OSError:  # BlockingIOError included; a broken peer is the loop's to see
+            self._send_cut = False
             return False
         if sent < len(data):
             self._loop.call_soon_threadsafe(self._send_rest, memoryview(data)[sent:])
+        self._send_cut = False
         return True
 
     def _send_rest(self, rest: memoryview) -> None:
@@ -517,6 +533,10 @@ class AsyncChannel:
         held, self._held = self._held, []
         for payload, fds in held:
             self._deliver_frame(payload, fds)
+        if self._reader.mid_frame() or self._read_cut:
+            # What a cut or failed `read_now` left in the buffer: no new bytes may come
+            # to make the loop look at it.
+            self._loop.call_soon(self._on_buffered)
 
     def read_now(self, timeout: float | None) -> tuple[bytes | bytearray, list[int]] | None:
         """One raw frame, read by a thread other than the loop's while reading is paused.
@@ -538,7 +558,9 @@ class AsyncChannel:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if reader.mid_frame():
+                self._read_cut = True  # a cut here can lose the fds of a frame
                 frames = reader.frames()
+                self._read_cut = False
                 if frames:
                     self._held.extend(frames[1:])
                     return frames[0]
@@ -547,12 +569,15 @@ class AsyncChannel:
                 wait_ms = max(0, int((deadline - time.monotonic()) * 1000 + 0.999))
             if not poller.poll(wait_ms):
                 return None
+            self._read_cut = True
             try:
                 got = reader.read_from(self._sock)
             except (BlockingIOError, InterruptedError):
+                self._read_cut = False
                 continue
             except OSError as exc:
                 raise ChannelClosed(f"channel broke while reading ({exc})") from exc
+            self._read_cut = False
             if not got:
                 raise ChannelClosed("peer closed the channel")
 
@@ -598,8 +623,19 @@ class AsyncChannel:
             else:
                 self._fail(None)
             return
+        self._deliver_buffered()
+
+    def _on_buffered(self) -> None:
+        if self._closed or self._paused:
+            return
+        if self._read_cut:
+            self._fail(ChannelError("a read was cut between the socket and its buffer"))
+            return
+        self._deliver_buffered()
+
+    def _deliver_buffered(self) -> None:
         try:
-            frames = reader.frames()
+            frames = self._reader.frames()
         except ChannelError as exc:
             self._fail(exc)
             return
