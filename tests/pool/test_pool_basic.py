@@ -142,6 +142,24 @@ def test_shutdown_waits_for_queued_work() -> None:
     assert [f.result() for f in futures] == [0, 1, 2, 3]
 
 
+def test_a_submit_racing_shutdown_from_another_thread_still_runs() -> None:
+    # The submit passed its "not shut down" check, then shutdown() began on the loop
+    # and retired the idle worker before the task reached the queue. The task must
+    # still run (nothing lost) and shutdown(wait=True) must return.
+    pool = Pool(1)
+    pool.submit(helpers.add, 0).result(timeout=30)  # the worker is ready and idle
+    gate = threading.Event()
+    pool._call(gate.wait, 30)  # hold the loop: what follows queues up behind it
+    pool.shutdown(wait=False)  # shutdown begins first...
+    late = pool.schedule(helpers.add, (41,), timeout=60)  # ...then the task (not direct)
+    gate.set()
+    assert late.result(timeout=30) == 42
+    closer = threading.Thread(target=pool.shutdown, kwargs={"wait": True})
+    closer.start()
+    closer.join(timeout=30)
+    assert not closer.is_alive(), "shutdown(wait=True) hung"
+
+
 def test_submit_after_shutdown_raises(pool: Pool) -> None:
     pool.shutdown()
     with pytest.raises(PoolClosedError):

@@ -11,14 +11,17 @@ import concurrent.futures
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from allcores.ipc.channel import MAX_FDS
-from allcores.pool import Pool, WorkerCrashedError
+from allcores.pool import Pool, ReplyLostError, WorkerCrashedError
 from allcores.shm.segment import Segment
 from tests.pool import helpers
 from tests.pool.conftest import wait_gone
@@ -207,8 +210,9 @@ def test_more_shared_blocks_than_a_frame_carries_fail_at_submit() -> None:
         assert pool.stats().queued == 0
 
 
-class _Interrupted(Exception):
-    """What a SIGALRM handler raises in the waiting thread, like Ctrl-C would."""
+class _Interrupted(BaseException):
+    """What a SIGALRM handler raises in the waiting thread, as Ctrl-C raises
+    KeyboardInterrupt (a BaseException)."""
 
 
 def _raise_interrupted(_signum: int, _frame: object) -> None:
@@ -263,3 +267,129 @@ def test_an_interrupt_after_the_reply_was_read_still_settles_the_task(
         assert task.result(timeout=30) == 42
         monkeypatch.undo()
         assert [pool.submit(helpers.add, i).result(timeout=30) for i in range(3)] == [1, 2, 3]
+
+
+def _only_worker(pool: Pool) -> Any:
+    (worker,) = pool._workers.values()
+    return worker
+
+
+def test_a_reply_lost_by_a_cut_read_fails_its_task_and_nothing_else(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The interrupt lands after the reply left the socket and before the thread kept
+    # it: the loop's SYNC to the worker comes back with no reply before it, so the
+    # task fails with ReplyLostError instead of waiting forever.
+    with Pool(1) as pool:
+        _warm(pool)
+        handle = _only_worker(pool).handle
+        real = handle.read_now
+
+        def read_then_drop(timeout: float | None) -> object:
+            frame = real(timeout)
+            assert frame is not None
+            raise _Interrupted
+
+        monkeypatch.setattr(handle, "read_now", read_then_drop)
+        monkeypatch.setattr(pool, "_spin_for_reply", lambda _handle: None)
+        before = pool._direct_sent
+        task = pool.submit(helpers.add, 41)
+        assert pool._direct_sent - before == 1
+        with pytest.raises(_Interrupted):
+            task.result(timeout=30)
+        monkeypatch.undo()
+        with pytest.raises(ReplyLostError, match="was lost"):
+            task.result(timeout=30)
+        assert [pool.submit(helpers.add, i).result(timeout=30) for i in range(3)] == [1, 2, 3]
+        assert pool.stats().failed == 1
+        assert pool.stats().crashed == 0
+
+
+def test_a_read_cut_mid_frame_replaces_the_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Cut between the socket and the buffer, the stream's frame boundaries are lost:
+    # the task fails with ReplyLostError and the worker is replaced.
+    with Pool(1) as pool:
+        _warm(pool)
+        handle = _only_worker(pool).handle
+        first_pid = handle.pid
+        reader = handle._channel._reader
+        real = reader.read_from
+
+        def take_some_then_cut(sock: object) -> int:
+            real(sock)
+            raise _Interrupted
+
+        monkeypatch.setattr(reader, "read_from", take_some_then_cut)
+        monkeypatch.setattr(pool, "_spin_for_reply", lambda _handle: None)
+        task = pool.submit(helpers.add, 41)
+        with pytest.raises(_Interrupted):
+            task.result(timeout=30)
+        monkeypatch.undo()
+        with pytest.raises(ReplyLostError):
+            task.result(timeout=30)
+        assert pool.submit(helpers.add, 1).result(timeout=30) == 2
+        assert pool.worker_pids() != [first_pid]
+
+
+def test_a_claim_left_by_a_cut_cleanup_is_given_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The interrupt lands in result()'s cleanup, before it gives the worker's socket
+    # back: the loop sees the claiming call is gone and takes the socket back, so the
+    # next task on that worker still completes.
+    with Pool(1) as pool:
+        _warm(pool)
+        handle = _only_worker(pool).handle
+        calls = []
+
+        def cut_release(*args: object, **kwargs: object) -> bool:
+            calls.append(args)
+            raise _Interrupted
+
+        monkeypatch.setattr(handle, "release_reading", cut_release)
+        task = pool.submit(helpers.add, 41)
+        with pytest.raises(_Interrupted):
+            task.result(timeout=30)
+        monkeypatch.undo()
+        assert calls and task.result(timeout=0) == 42
+        assert handle.claimed_by() is not None  # left behind by the cut
+        assert [pool.submit(helpers.add, i).result(timeout=30) for i in range(3)] == [1, 2, 3]
+        assert handle.claimed_by() is None
+
+
+def test_a_submit_cut_before_its_frame_went_leaves_the_pool_working(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Ctrl-C in submit() after the task took the idle worker, before it was sent: the
+    # worker must not wait for a reply that never comes.
+    with Pool(1) as pool:
+        _warm(pool)
+        handle = _only_worker(pool).handle
+
+        def cut_send(*args: object) -> bool:
+            raise _Interrupted
+
+        monkeypatch.setattr(handle, "send_from_thread", cut_send)
+        before = pool._direct_sent
+        with pytest.raises(_Interrupted):
+            pool.submit(helpers.add, 41)
+        monkeypatch.undo()
+        assert pool._direct_sent - before == 1
+        assert [pool.submit(helpers.add, i).result(timeout=30) for i in range(3)] == [1, 2, 3]
+    assert pool.stats().failed == 1  # the cut task, which its caller never saw
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_interrupts_at_random_moments_lose_nothing(seed: int) -> None:
+    # The whole direct path under fire: see tests/pool/interrupt_fuzz.py.
+    root = Path(__file__).resolve().parents[2]
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "tests.pool.interrupt_fuzz", str(seed), "300", "20"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+    except subprocess.TimeoutExpired as exc:  # run() killed it: a hang
+        pytest.fail(f"the interrupted pool hung: {exc.stdout!r} {exc.stderr!r}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "OK:" in done.stdout

@@ -6,6 +6,7 @@ from allcores.pool.errors import (
     PoolError,
     QueueFullError,
     RemoteTraceback,
+    ReplyLostError,
     TaskTimeoutError,
     WorkerCrashedError,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "PoolStats",
     "QueueFullError",
     "RemoteTraceback",
+    "ReplyLostError",
     "TaskTimeoutError",
     "WorkerCrashedError",
     "get_default_pool",

@@ -85,6 +85,33 @@ class TaskTimeoutError(PoolError, TimeoutError):
         return type(self), (self.limit, self.task, self.worker_id)
 
 
+class ReplyLostError(PoolError):
+    """A task's reply was lost because the thread reading it was interrupted mid-read.
+
+    A thread blocked in ``future.result()`` reads its task's reply itself (see
+    "Direct round trips" in docs/pool.md). An exception raised asynchronously in that
+    thread, such as KeyboardInterrupt, can land after the reply left the worker's
+    socket and before it reached the future. The pool then fails the task with this
+    error instead of leaving it pending forever; if the worker's stream was cut
+    mid-frame, the worker is replaced. The task ran; only its outcome is unknown.
+    """
+
+    def __init__(self, task: str, worker_id: int | None = None) -> None:
+        self.task = task
+        self.worker_id = worker_id
+        super().__init__(task, worker_id)
+
+    def __str__(self) -> str:
+        return (
+            f"the reply of {self.task} from worker {self.worker_id} was lost: the thread "
+            "reading it was interrupted (Ctrl-C or another asynchronous exception) in the "
+            "middle of the read; the task ran, but its result is unknown"
+        )
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return type(self), (self.task, self.worker_id)
+
+
 class QueueFullError(PoolError):
     """The pool's queue holds ``max_queue`` tasks; wait for room or raise ``max_queue``."""
 

@@ -43,6 +43,7 @@ import multiprocessing.context
 import operator
 import os
 import reprlib
+import sys
 import threading
 import time
 import weakref
@@ -71,6 +72,7 @@ from allcores.pool.errors import (
     PoolClosedError,
     QueueFullError,
     RemoteTraceback,
+    ReplyLostError,
     TaskTimeoutError,
     WorkerCrashedError,
 )
@@ -129,6 +131,11 @@ DIRECT_GRACE = 0.002
 # The loop looks for such tasks every DIRECT_GRACE while direct submits keep
 # coming, and stops looking this long after the last one.
 DIRECT_LINGER = 0.1
+# While a thread holds a worker's socket to read its reply, the loop checks this
+# often that the thread is still in `Pool._wait_direct`: an exception raised in it
+# asynchronously (Ctrl-C) at the wrong bytecode can skip its release, and the
+# worker would be read by nobody (`Pool._check_claims`).
+CLAIM_CHECK = 0.05
 # Workers that die before their first READY in a row before the pool gives up: a
 # missing module or a failing initializer would otherwise respawn forever.
 MAX_FAILED_STARTS = 3
@@ -215,12 +222,15 @@ class _Task:
         "args",
         "bridged",
         "chunk_len",
+        "enqueued",
         "fn",
         "future",
         "id",
         "owner",
         "packed",
+        "reserved",
         "running_set",
+        "sender",
         "started",
         "state",
         "submitted",
@@ -253,6 +263,12 @@ class _Task:
         self.timer: asyncio.TimerHandle | None = None
         self.worker: _Worker | None = None
         self.owner = _OWNER_LOOP
+        # Holds one count of Pool._queued (its queue slot), given back exactly once
+        # (`Pool._spend`); set and cleared with the count, under _count_lock.
+        self.reserved = False
+        self.enqueued = False  # the loop has seen it (`Pool._enqueue`)
+        # The frame of the `_send_direct` call sending it, until its frame went.
+        self.sender: Any = None
 
     def describe(self) -> str:
         name = getattr(self.fn, "__qualname__", None) or repr(self.fn)
@@ -280,6 +296,7 @@ class _Worker:
         "sent",
         "started_at",
         "state",
+        "suspects",
     )
 
     def __init__(self, worker_id: int, row: int) -> None:
@@ -295,6 +312,9 @@ class _Worker:
         self.sent = 0
         self.started_at = time.monotonic()
         self.idle_since = 0.0
+        # Tasks whose reply a cut read may have lost, by the SYNC token that settles
+        # their fate (`Pool._direct_interrupted`).
+        self.suspects: dict[int, _Task] = {}
 
 
 def _new_event_loop() -> asyncio.AbstractEventLoop:
@@ -305,6 +325,32 @@ def _new_event_loop() -> asyncio.AbstractEventLoop:
         return loop
     except ImportError:
         return asyncio.new_event_loop()
+
+
+_DONE_STATES = frozenset(("CANCELLED", "CANCELLED_AND_NOTIFIED", "FINISHED"))
+
+
+def _future_done(future: concurrent.futures.Future[Any] | asyncio.Future[Any]) -> bool:
+    """``future.done()`` without taking the future's lock.
+
+    A Ctrl-C that lands in ``Condition.__exit__`` inside ``set_result`` (CPython's own
+    code, run by a thread that settles its direct task) leaves that future's lock held
+    by the interrupted thread; ``done()`` would then block the loop forever. Both
+    future classes keep their state in ``_state``, with these names, since 3.2.
+    """
+    state = getattr(future, "_state", None)
+    return future.done() if state is None else state in _DONE_STATES
+
+
+def _running_frames() -> set[Any]:
+    """Every frame on some thread's stack now (`Pool._check_claims`)."""
+    running: set[Any] = set()
+    for top in sys._current_frames().values():
+        frame: Any = top
+        while frame is not None:
+            running.add(frame)
+            frame = frame.f_back
+    return running
 
 
 def _join_os_thread(thread: threading.Thread) -> None:
@@ -430,6 +476,11 @@ class Pool(concurrent.futures.Executor):
         self._direct_stats: collections.deque[tuple[str | None, float, float]] = collections.deque()
         self._last_direct = 0.0
         self._sweeping = False
+        self._claims = False  # a thread may hold a worker's socket (`_check_claims`)
+        self._claims_checked = 0.0
+        self._adrift: set[_Worker] = set()
+        self._claims_seen: set[int] = set()
+        self._sync_tokens = itertools.count(1)
         self._direct_sent = 0  # tasks that went by `_send_direct` (for tests and tuning)
         self._room_waiters: list[concurrent.futures.Future[None]] = []
         self._drain_waiters: list[concurrent.futures.Future[None]] = []
@@ -580,8 +631,10 @@ class Pool(concurrent.futures.Executor):
             return
         worker.handle = started.result()
         self._attach(worker)
-        if self._closing or worker.state == _KILLED:
-            worker.handle.stop()
+        if worker.state == _KILLED or (
+            self._closing and not any(task.state == _QUEUED for task in self._queue)
+        ):
+            worker.handle.stop()  # else it starts for tasks queued during shutdown
 
     def _forget_worker(self, worker: _Worker) -> None:
         if self._workers.pop(worker.id, None) is not None:
@@ -597,7 +650,18 @@ class Pool(concurrent.futures.Executor):
 
     def _grow(self) -> None:
         """Start workers while tasks wait and there is room (called on the loop)."""
-        if self._closing or self._broken is not None:
+        if self._broken is not None:
+            return
+        if self._closing:
+            # Tasks queued during shutdown still run: a submit that raced shutdown()
+            # from another thread, or what a crashed worker held. Shutdown retires
+            # idle workers, so start one for them when none is left to take them.
+            if (
+                any(task.state == _QUEUED for task in self._queue)
+                and self._free_rows
+                and not any(w.state in (_READY, _STARTING) for w in self._workers.values())
+            ):
+                self._spawn()
             return
         while self._live_workers() < self._settings.min_workers and self._free_rows:
             self._spawn()
@@ -647,6 +711,8 @@ class Pool(concurrent.futures.Executor):
         if tasks:
             with self._count_lock:
                 self._queued += len(tasks)
+                for task in tasks:
+                    task.reserved = True
 
     def _on_worker_exit(self, worker: _Worker, exit_: WorkerExit) -> None:
         was = worker.state
@@ -670,6 +736,7 @@ class Pool(concurrent.futures.Executor):
                 )
             )
         if self._closing:
+            self._grow()
             self._maybe_finish_shutdown()
             return
         self._grow()
@@ -688,11 +755,10 @@ class Pool(concurrent.futures.Executor):
             return
         self._broken = error
         for task in self._queue:
+            self._spend(task)
             if task.state == _QUEUED:
                 self._settle_error(task, error)
         self._queue.clear()
-        with self._count_lock:
-            self._queued = 0
         for worker in list(self._workers.values()):
             self._adopt_direct(worker)
             for task in worker.inflight.values():
@@ -720,6 +786,8 @@ class Pool(concurrent.futures.Executor):
                     os.close(fd)
                 return
             self._on_result(worker, task, kind, seconds, payload, fds)
+        elif kind == proto.SYNCED:
+            self._on_synced(worker, task_id)
         elif kind == proto.READY:
             unpack(payload, fds)
             self._on_ready(worker)
@@ -770,6 +838,10 @@ class Pool(concurrent.futures.Executor):
         outcome = self._settle_reply(task, kind, seconds, payload, fds)
         if outcome is not None:
             self._counts[outcome] += 1
+        self._after_reply(worker)
+
+    def _after_reply(self, worker: _Worker) -> None:
+        """A worker's task ended through the loop: its next, or idle; then the queue."""
         if worker.inflight:
             self._start_running(next(iter(worker.inflight.values())))
         elif worker.state == _READY and self._release_worker(worker):
@@ -790,6 +862,8 @@ class Pool(concurrent.futures.Executor):
         try:
             value = unpack(payload, fds)
         except BaseException as unpickling_error:
+            if not isinstance(unpickling_error, Exception) and not self._on_loop_thread():
+                raise  # Ctrl-C in a thread that reads its own reply: not the task's
             unpickling_error.add_note(f"(while the pool unpickled the result of {task.describe()})")
             self._settle_error(task, unpickling_error)
             return None
@@ -848,7 +922,7 @@ class Pool(concurrent.futures.Executor):
         future = task.future
         if type(future) is _PoolFuture:
             future._task = future._pool = None
-        if future is None or future.done():
+        if future is None or _future_done(future):
             return
         with contextlib.suppress(concurrent.futures.InvalidStateError, asyncio.InvalidStateError):
             future.set_exception(exc)
@@ -898,13 +972,14 @@ class Pool(concurrent.futures.Executor):
             )
         try:
             # A map bounds its own chunks in flight, so they never meet max_queue.
-            self._reserve(enforce=chunk is None)
+            self._reserve(task, enforce=chunk is None)
         except BaseException:
+            self._spend(task)
             packed.close()
             raise
         return task
 
-    def _reserve(self, enforce: bool = True) -> None:
+    def _reserve(self, task: _Task, enforce: bool = True) -> None:
         limit = self._settings.max_queue
         with self._count_lock:
             if enforce and limit is not None and self._queued >= limit:
@@ -912,17 +987,24 @@ class Pool(concurrent.futures.Executor):
                     f"the pool's queue holds {self._queued} tasks (max_queue={limit}); "
                     "await pool.wait_for_room() before submitting, or raise max_queue"
                 )
+            # No call between the count and the flag: a signal handler (Ctrl-C) runs
+            # only at calls and jumps, so it cannot split them.
             self._queued += 1
+            task.reserved = True
             self._counts["submitted"] += 1
 
-    def _unreserve(self) -> None:
+    def _spend(self, task: _Task) -> None:
+        """Give back *task*'s queue slot, once (it left the queue, ran or was dropped)."""
         with self._count_lock:
-            self._queued -= 1
+            if task.reserved:
+                task.reserved = False
+                self._queued -= 1
 
     def _enqueue(self, task: _Task) -> None:
         """Loop side of a submit (the task's queue slot is already reserved)."""
+        task.enqueued = True
         if self._broken is not None or (self._closing and not self._workers):
-            self._unreserve()
+            self._spend(task)
             self._settle_error(task, self._broken or PoolClosedError("the pool is shut down"))
             return
         self._queue.append(task)
@@ -973,7 +1055,7 @@ class Pool(concurrent.futures.Executor):
                     if task.bridged
                     else not future.set_running_or_notify_cancel()
                 ):
-                    self._unreserve()
+                    self._spend(task)
                     task.state = _CANCELLED
                     task.packed.close()
                     self._counts["cancelled"] += 1
@@ -984,7 +1066,7 @@ class Pool(concurrent.futures.Executor):
             self._dispatch(worker, task)
         if dispatched:
             self._queue_shrank()
-        if queue and len(self._workers) < self._settings.max_workers:
+        if queue and (len(self._workers) < self._settings.max_workers or self._closing):
             self._grow()
 
     def _prefetch_target(self) -> _Worker | None:
@@ -1004,7 +1086,9 @@ class Pool(concurrent.futures.Executor):
 
     def _dispatch(self, worker: _Worker, task: _Task) -> None:
         with self._count_lock:
-            self._queued -= 1
+            if task.reserved:
+                task.reserved = False
+                self._queued -= 1
         task.state = _SENT
         task.worker = worker
         worker.inflight[task.id] = task
@@ -1069,14 +1153,16 @@ class Pool(concurrent.futures.Executor):
             with self._count_lock:
                 if self._queued != 1:  # 1: this task's own reservation
                     return False
+                task.reserved = False
                 self._queued -= 1
+                task.state = _SENT
                 wake_waiters = bool(self._room_waiters or self._drain_waiters)
             worker = self._idle.pop()
             # Every field is set before the task is published (worker.direct): the
             # sweep, or the loop ending this worker, may look at it at once.
             task.running_set = True
+            task.sender = sys._getframe()
             future.set_running_or_notify_cancel()  # new: nobody can have cancelled it
-            task.state = _SENT
             task.worker = worker
             task.started = self._last_direct = time.monotonic()
             worker.sent += 1
@@ -1086,10 +1172,13 @@ class Pool(concurrent.futures.Executor):
             self._direct_sent += 1
             start_sweeping = not self._sweeping
             self._sweeping = True
+        # Before the send: a Ctrl-C that cuts what follows must leave the task to the
+        # sweep, which recovers it whether it went or not (`_direct_interrupted`).
+        if start_sweeping:
+            self._post(self._sweep_direct)
         handle = worker.handle
         if handle is not None and handle.send_from_thread(packed.payload, packed.fds):
-            if start_sweeping:
-                self._post(self._sweep_direct)
+            task.sender = None
             if wake_waiters:
                 self._post(self._queue_shrank)
             return True
@@ -1101,6 +1190,7 @@ class Pool(concurrent.futures.Executor):
                 return True  # the loop adopted it and failed it with the worker
             worker.direct = None
             task.owner = _OWNER_LOOP
+            task.sender = None
             self._direct_live.discard(task)
             self._direct_sent -= 1
             worker.sent -= 1
@@ -1108,7 +1198,8 @@ class Pool(concurrent.futures.Executor):
                 self._idle.append(worker)
             with self._count_lock:
                 self._queued += 1
-            task.state = _QUEUED
+                task.reserved = True
+                task.state = _QUEUED
             task.worker = None
         return False
 
@@ -1123,16 +1214,24 @@ class Pool(concurrent.futures.Executor):
         Returns what is left of *timeout*. When the reply cannot be read here (the
         loop took it over, the worker died, another thread reads it), it returns at
         once and the future completes through the loop.
+
+        An exception raised here asynchronously (Ctrl-C) may land anywhere, even in
+        the cleanup below; nothing is lost for it. The claim is named by this call's
+        frame, so the loop can tell a claim whose thread left (`_check_claims`). A cut
+        read is settled by `_direct_interrupted`.
         """
         if self._on_loop_thread():
             return timeout
+        token = sys._getframe()
         with self._idle_lock:
             worker = task.worker
             if task.owner != _OWNER_NONE or worker is None or worker.direct is not task:
                 return timeout
             handle = worker.handle
-            claimed = handle is not None and handle.claim_reading()
+            claimed = handle is not None and handle.claim_reading(token)
             task.owner = _OWNER_CALLER if claimed else _OWNER_LOOP
+            if claimed:
+                self._claims = True
         if not claimed or handle is None:
             self._post(self._direct_takeover, task)
             return timeout
@@ -1167,22 +1266,24 @@ class Pool(concurrent.futures.Executor):
                 to_loop = True
                 break
         except BaseException:
-            # Ctrl-C (or another exception raised asynchronously) in the middle of the
-            # read or of settling: the loop recovers the task (`_direct_interrupted`).
             interrupted = True
             raise
         finally:
-            if not finished:
-                with self._idle_lock:
-                    if task.owner == _OWNER_CALLER:
-                        task.owner = _OWNER_LOOP if to_loop or interrupted else _OWNER_NONE
-            # Released once, after the task is detached (the loop, ending this worker,
-            # must not adopt it too). A resume asked for meanwhile (the sweep, or a
-            # dispatch to the worker once idle again) is kept by the claim and
-            # honoured here.
-            handle.release_reading(resume=to_loop and not interrupted)
-            if interrupted and not finished:
-                self._post(self._direct_interrupted, worker, task, frame)
+            try:
+                if interrupted and not finished:
+                    # Posted first: the loop recovers the task even if a second
+                    # interrupt cuts what follows.
+                    self._post(self._direct_interrupted, worker, task, frame)
+                elif not finished:
+                    with self._idle_lock:
+                        if task.owner == _OWNER_CALLER:
+                            task.owner = _OWNER_LOOP if to_loop else _OWNER_NONE
+            finally:
+                # Released once, after the task is detached (the loop, ending this
+                # worker, must not adopt it too). A resume asked for meanwhile (the
+                # sweep, or a dispatch to the worker once idle again) is kept by the
+                # claim and honoured here.
+                handle.release_reading(resume=to_loop and not interrupted, token=token)
         return None if deadline is None else max(0.0, deadline - time.monotonic())
 
     def _direct_interrupted(
@@ -1193,10 +1294,15 @@ class Pool(concurrent.futures.Executor):
     ) -> None:
         """The thread reading a direct task's reply was interrupted: finish it here.
 
-        Without the reply in hand, the loop reads it: the task becomes the loop's. A
-        read cut between its syscall and the buffer leaves a corrupt stream, which
-        ends the worker (WorkerCrashedError), never a hang. With the reply taken but
-        the task not settled, it is settled from that reply.
+        With the reply in hand (*frame*), the task is settled from it. Without it, the
+        reply is still in the worker's socket, or the cut read lost it:
+
+        - a read cut between the socket and its buffer leaves a stream whose frames
+          can no longer be found: the task fails with ReplyLostError and the worker
+          is replaced;
+        - otherwise the loop reads the worker from now on, and sends it SYNC: every
+          reply the worker owes comes before SYNCED, so a task still unsettled then
+          lost its reply (`_on_synced`).
         """
         with self._idle_lock:
             attached = worker.direct is task
@@ -1204,24 +1310,118 @@ class Pool(concurrent.futures.Executor):
                 worker.direct = None
                 task.owner = _OWNER_LOOP
                 self._direct_live.discard(task)
-        if frame is None:
-            if attached:
-                worker.inflight[task.id] = task
-                if worker.handle is not None:
-                    worker.handle.resume_reading()
+        handle = worker.handle
+        if frame is not None:
+            if worker.inflight.get(task.id) is task:
+                # `_check_claims` saw the task first and gave it to the loop.
+                del worker.inflight[task.id]
+                attached = True
+            future = task.future
+            if future is not None and not _future_done(future):
+                payload, fds = frame
+                if fds:
+                    # The cut unpickling may have taken (and closed) some of these
+                    # fds: using them again could touch another file. Left open.
+                    self._counts["failed"] += 1
+                    self._settle_error(task, ReplyLostError(task.describe(), worker.id))
+                else:
+                    kind, _nbuf, _nuser, _task_id, seconds = read_head(payload)
+                    outcome = self._settle_reply(task, kind, seconds, payload, fds)
+                    if outcome is not None:
+                        self._counts[outcome] += 1
+        elif attached and task.state != _DONE:
+            if handle is not None and handle.stream_in_doubt():
+                self._counts["failed"] += 1
+                self._settle_error(task, ReplyLostError(task.describe(), worker.id))
+                self._kill(worker)
+                return
+            worker.inflight[task.id] = task
+            self._wait_time.add(task.started - task.submitted)
+            if handle is not None:
+                handle.resume_reading()
+                token = next(self._sync_tokens)
+                worker.suspects[token] = task
+                handle.send(pack(proto.SYNC, token, None).payload)
             return
-        payload, fds = frame
-        if task.state == _DONE:
-            for fd in fds:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-        else:
-            _kind, _nbuf, _nuser, _task_id, seconds = read_head(payload)
-            outcome = self._settle_reply(task, _kind, seconds, payload, fds)
-            if outcome is not None:
-                self._counts[outcome] += 1
-        if attached and worker.state == _READY and not worker.inflight:
+        if attached:
             self._after_direct(worker)
+
+    def _on_synced(self, worker: _Worker, token: int) -> None:
+        """Every reply the worker owed at SYNC has come: a suspect still unsettled
+        lost its reply to a cut read (`_direct_interrupted`)."""
+        task = worker.suspects.pop(token, None)
+        if task is None or worker.inflight.get(task.id) is not task:
+            return
+        del worker.inflight[task.id]
+        self._counts["failed"] += 1
+        self._settle_error(task, ReplyLostError(task.describe(), worker.id))
+        self._after_reply(worker)
+
+    def _check_claims(self) -> None:
+        """Give back claims whose thread left `_wait_direct` without releasing them.
+
+        An exception raised asynchronously (Ctrl-C) can land in the reading thread's
+        cleanup itself; nothing else would ever read that worker again. A claim is
+        named by the claiming call's frame: once that frame is off every thread's
+        stack, the claim is stale and its task is recovered as if interrupted.
+        Also recovers a task left marked as being read by a thread that released
+        the worker (an interrupt between the two).
+        """
+        claims: list[tuple[_Worker, object]] = []
+        orphans: list[tuple[_Worker, _Task]] = []
+        adrift: set[_Worker] = set()
+        with self._idle_lock:
+            for worker in self._workers.values():
+                handle = worker.handle
+                token = None if handle is None else handle.claimed_by()
+                task = worker.direct
+                if token is not None:
+                    claims.append((worker, token))
+                elif task is not None and task.owner == _OWNER_CALLER:
+                    task.owner = _OWNER_LOOP
+                    orphans.append((worker, task))
+                elif (
+                    worker.state == _READY
+                    and task is None
+                    and not worker.inflight
+                    and worker not in self._idle
+                ):
+                    # Neither idle nor busy: a submit cut between taking the worker
+                    # and giving it its task. Such a state lasts µs when nothing is
+                    # cut, so only one seen at two checks in a row is put back.
+                    adrift.add(worker)
+            self._claims = bool(claims)
+        lost, self._adrift = adrift & self._adrift, adrift
+        for worker in lost:
+            self._after_direct(worker)
+        for worker, task in orphans:
+            self._direct_interrupted(worker, task, None)
+        # Only a claim seen at the last check too is looked at: most last µs, and
+        # walking every thread's stack is not free. By id, so that no frame is kept
+        # alive here (an id reused meanwhile only costs one needless look).
+        seen, self._claims_seen = self._claims_seen, {id(token) for _worker, token in claims}
+        claims = [(worker, token) for worker, token in claims if id(token) in seen]
+        if not claims:
+            return
+        running = _running_frames()
+        for worker, token in claims:
+            if token in running:
+                continue
+            handle = worker.handle
+            assert handle is not None
+            if not handle.release_reading(resume=False, token=token):
+                continue  # released meanwhile
+            with self._idle_lock:
+                task = worker.direct
+                ours = task is not None and task.owner == _OWNER_CALLER
+                if ours:
+                    assert task is not None
+                    task.owner = _OWNER_LOOP
+            if ours:
+                assert task is not None
+                self._direct_interrupted(worker, task, None)
+            else:
+                self._after_direct(worker)
 
     @staticmethod
     def _spin_for_reply(handle: BackendWorker) -> tuple[bytes | bytearray, list[int]] | None:
@@ -1248,6 +1448,13 @@ class Pool(concurrent.futures.Executor):
         kind, _nbuf, _nuser, task_id, seconds = read_head(payload)
         if task_id != task.id or (kind != proto.RESULT and kind != proto.ERROR):
             return False
+        # Settled before it is detached from the worker: an interrupt between the two
+        # leaves a settled task still marked as this thread's, which the loop puts
+        # right (`_direct_interrupted`, `_check_claims`); the other order could leave
+        # a task nobody settles. While this thread's claim stands, the loop neither
+        # reads this worker nor ends it, so nothing settles the task meanwhile.
+        self._run_ema += (seconds - self._run_ema) * 0.1
+        outcome = self._settle_reply(task, kind, seconds, payload, fds)
         limit = self._settings.max_tasks_per_child
         with self._idle_lock:
             ours = worker.direct is task
@@ -1266,11 +1473,7 @@ class Pool(concurrent.futures.Executor):
                     worker.idle_since = time.monotonic()
                     self._idle.append(worker)
         if not ours:
-            for fd in fds:
-                os.close(fd)
-            return True  # the loop settled it meanwhile
-        self._run_ema += (seconds - self._run_ema) * 0.1
-        outcome = self._settle_reply(task, kind, seconds, payload, fds)
+            return True  # the loop ended the worker meanwhile (interpreter exit)
         # The loop folds these into the counts and histograms (`_fold_direct_stats`).
         self._direct_stats.append((outcome, seconds, task.started - task.submitted))
         settings = self._settings
@@ -1301,11 +1504,16 @@ class Pool(concurrent.futures.Executor):
 
     def _after_direct(self, worker: _Worker) -> None:
         """Loop side of a direct task's end: retire, refill, shut down, or shrink."""
-        if worker.state == _READY and worker.direct is None and not worker.inflight:
-            with self._idle_lock:
-                idle = worker in self._idle
-            if not idle:
-                self._release_worker(worker)
+        with self._idle_lock:
+            # Under the lock: another thread may take an idle worker at any moment.
+            free = (
+                worker.state == _READY
+                and worker.direct is None
+                and not worker.inflight
+                and worker not in self._idle
+            )
+        if free:
+            self._release_worker(worker)
         if self._queue:
             self._pump()
         if self._closing:
@@ -1339,29 +1547,44 @@ class Pool(concurrent.futures.Executor):
             worker.handle.resume_reading()
 
     def _sweep_direct(self) -> None:
-        """Take over direct tasks nobody reads; runs every DIRECT_GRACE while needed."""
+        """Take over direct tasks nobody reads, every DIRECT_GRACE while direct tasks
+        come; check claims (`_check_claims`) every CLAIM_CHECK while any is held."""
         now = time.monotonic()
+        if now - self._claims_checked >= CLAIM_CHECK:
+            self._claims_checked = now
+            self._check_claims()
+        running: set[Any] | None = None
         with self._idle_lock:
-            stale = [
-                task
-                for task in self._direct_live
-                if task.owner == _OWNER_NONE and now - task.started >= DIRECT_GRACE
-            ]
-            for task in stale:
-                task.owner = _OWNER_LOOP
-            go_on = not self._closed.is_set() and (
-                bool(self._direct_live) or now - self._last_direct < DIRECT_LINGER
-            )
+            stale: list[_Task] = []
+            unread = False  # a task nobody reads yet: look again soon
+            for task in self._direct_live:
+                if task.owner == _OWNER_NONE:
+                    unread = True
+                    if now - task.started < DIRECT_GRACE:
+                        continue
+                    if task.sender is not None:
+                        # Its submit has not sent it yet: still at it (a thread can
+                        # stall), or cut by Ctrl-C. Only then is it the loop's.
+                        if running is None:
+                            running = _running_frames()
+                        if task.sender in running:
+                            continue
+                    task.owner = _OWNER_LOOP
+                    stale.append(task)
+            busy = unread or now - self._last_direct < DIRECT_LINGER
+            go_on = not self._closed.is_set() and (busy or self._claims)
             if not go_on:
                 self._sweeping = False
         for task in stale:
+            # As if its reader had been cut: the loop reads the reply, and a SYNC
+            # settles a task whose submit was cut before its frame went.
             worker = task.worker
-            if worker is not None and worker.direct is task and worker.handle is not None:
-                worker.handle.resume_reading()
+            if worker is not None:
+                self._direct_interrupted(worker, task, None)
         self._fold_direct_stats()
         if go_on:
             assert self._loop is not None
-            self._loop.call_later(DIRECT_GRACE, self._sweep_direct)
+            self._loop.call_later(DIRECT_GRACE if busy else CLAIM_CHECK, self._sweep_direct)
 
     def _fold_direct_stats(self) -> None:
         """Counts and histograms of direct tasks, recorded by waiting threads (loop)."""
@@ -1404,7 +1627,7 @@ class Pool(concurrent.futures.Executor):
         """The caller gave up on a task (loop side): drop it, or kill its worker if running."""
         if task.state == _QUEUED:
             task.state = _CANCELLED
-            self._unreserve()
+            self._spend(task)
             self._counts["cancelled"] += 1
             task.packed.close()
             self._queue_shrank()
@@ -1466,14 +1689,13 @@ class Pool(concurrent.futures.Executor):
         self._closing = True
         if cancel_futures:
             for task in self._queue:
+                self._spend(task)
                 if task.state == _QUEUED:
                     task.state = _CANCELLED
                     task.packed.close()
                     if task.future is not None:
                         task.future.cancel()
             self._queue.clear()
-            with self._count_lock:
-                self._queued = 0
             self._queue_shrank()
         self._maybe_finish_shutdown()
 
@@ -1618,20 +1840,34 @@ class Pool(concurrent.futures.Executor):
     ) -> concurrent.futures.Future[R]:
         """`submit` with a per-task *timeout* (seconds of running, not of waiting)."""
         task = self._new_task(fn, args, kwargs or {}, timeout)
-        future: concurrent.futures.Future[R] = _PoolFuture(self, task)
-        task.future = future
+        handed = False
         try:
+            future: concurrent.futures.Future[R] = _PoolFuture(self, task)
+            task.future = future
             if self._on_loop_thread():
                 self._enqueue(task)
             else:
                 self._ensure_loop()
                 if not self._send_direct(task):
+                    handed = True
                     self._call(self._enqueue_from_thread, task)
-        except BaseException:
-            self._unreserve()
-            task.packed.close()
+        except BaseException as exc:
+            # An error, or a Ctrl-C that may land anywhere above. A task handed to the
+            # loop may be on its way: the loop, which sees it first if it went, tells.
+            if handed and not isinstance(exc, PoolClosedError):
+                self._post(self._abandon, task)
+            else:
+                self._abandon(task)
             raise
         return future
+
+    def _abandon(self, task: _Task) -> None:
+        """A submit raised after the task was made: give its slot back unless it went
+        to a worker (`_send_direct`) or into the queue (it then runs, unseen)."""
+        if task.enqueued or task.state != _QUEUED:
+            return
+        self._spend(task)
+        task.packed.close()
 
     def map(  # type: ignore[override]
         self,

@@ -82,12 +82,25 @@ class BackendWorker(abc.ABC):
     def resume_reading(self) -> None:  # noqa: B027 - optional, see above
         """The loop reads this worker again (loop thread)."""
 
-    def claim_reading(self) -> bool:
-        """Take the right to `read_now` (any thread); False when it cannot be had."""
+    def claim_reading(self, token: object) -> bool:
+        """Take the right to `read_now` (any thread) for *token*, which names the claim
+        (the pool passes the claiming thread's frame); False when it cannot be had."""
         return False
 
-    def release_reading(self, resume: bool) -> None:  # noqa: B027 - optional, see above
-        """Give the right back; with *resume*, the loop reads this worker again."""
+    def release_reading(self, resume: bool, token: object) -> bool:
+        """Give *token*'s claim back (any thread); with *resume*, the loop reads this
+        worker again. False, doing nothing, when the claim is not *token*'s."""
+        return False
+
+    def claimed_by(self) -> object | None:
+        """The token of the claim held now, or None."""
+        return None
+
+    def stream_in_doubt(self) -> bool:
+        """True when a `read_now` or `send_from_thread` was cut midway (an exception
+        raised asynchronously in that thread): the stream's frame boundaries can no
+        longer be trusted, and the worker must be replaced."""
+        return False
 
     def read_now(self, timeout: float | None) -> tuple[bytes | bytearray, list[int]] | None:
         """The next frame, read in the claiming thread; None after *timeout*.

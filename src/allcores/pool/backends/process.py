@@ -103,6 +103,7 @@ class ProcessWorker(BackendWorker):
         # must neither read nor close it, so its end is put off until the release.
         self._claim_lock = threading.Lock()
         self._claimed = False
+        self._claim_token: object | None = None
         self._finish_deferred = False
         self._resume_pending = False  # asked for while claimed: done at the release
         self._pidfd: int | None = None
@@ -143,7 +144,7 @@ class ProcessWorker(BackendWorker):
         if self._channel is not None:
             self._channel.resume_reading()
 
-    def claim_reading(self) -> bool:
+    def claim_reading(self, token: object) -> bool:
         with self._claim_lock:
             channel = self._channel
             if (
@@ -156,11 +157,15 @@ class ProcessWorker(BackendWorker):
             ):
                 return False
             self._claimed = True
+            self._claim_token = token
             return True
 
-    def release_reading(self, resume: bool) -> None:
+    def release_reading(self, resume: bool, token: object) -> bool:
         with self._claim_lock:
+            if not self._claimed or self._claim_token is not token:
+                return False
             self._claimed = False
+            self._claim_token = None
             deferred, self._finish_deferred = self._finish_deferred, False
             resume = resume or self._resume_pending
             self._resume_pending = False
@@ -168,6 +173,13 @@ class ProcessWorker(BackendWorker):
         if (deferred or resume) and loop is not None:
             with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to do
                 loop.call_soon_threadsafe(self._after_release, deferred, resume)
+        return True
+
+    def claimed_by(self) -> object | None:
+        return self._claim_token
+
+    def stream_in_doubt(self) -> bool:
+        return self._channel is not None and self._channel.in_doubt
 
     def _after_release(self, deferred: bool, resume: bool) -> None:
         if resume:
