@@ -94,3 +94,10 @@ def fail_on(x: int, bad: int) -> int:
 
 def nbytes(data: Any) -> int:
     return len(data)
+
+
+def many_segments(count: int) -> list[Any]:
+    """*count* small shared-memory blocks, each of which travels as an fd."""
+    from allcores.shm.segment import Segment
+
+    return [Segment.create(16) for _ in range(count)]

@@ -210,6 +210,17 @@ def test_more_shared_blocks_than_a_frame_carries_fail_at_submit() -> None:
         assert pool.stats().queued == 0
 
 
+def test_a_result_with_more_shared_blocks_than_a_frame_carries_fails_that_task() -> None:
+    with Pool(1) as pool:
+        _warm(pool)
+        (pid,) = pool.worker_pids()
+        with pytest.raises(ValueError, match="a result can carry at most"):
+            pool.submit(helpers.many_segments, MAX_FDS + 1).result(timeout=30)
+        assert pool.submit(helpers.add, 1).result(timeout=30) == 2
+        assert pool.worker_pids() == [pid]  # the worker carried on
+        assert pool.stats().crashed == 0
+
+
 class _Interrupted(BaseException):
     """What a SIGALRM handler raises in the waiting thread, as Ctrl-C raises
     KeyboardInterrupt (a BaseException)."""

@@ -38,6 +38,7 @@ import traceback
 from typing import Any, Protocol
 
 from allcores.errors import ChannelClosed
+from allcores.ipc.channel import MAX_FDS
 from allcores.observe.scoreboard import Row, RowState, Scoreboard
 from allcores.pool._serialize import (
     BATCH,
@@ -205,7 +206,7 @@ def _run(
                 if arg is result:
                     return pack(RESULT, task_id, SameAsArgument(index), seconds)
         try:
-            return pack(RESULT, task_id, large_bytes(result), seconds)
+            return _fits(pack(RESULT, task_id, large_bytes(result), seconds))
         except BaseException as exc:
             exc.add_note(f"(while the worker pickled the result of {fn!r}: it was {type(result)})")
             return pack_error(ERROR, task_id, exc, seconds)
@@ -221,10 +222,23 @@ def _run(
             break
     seconds = time.perf_counter() - start
     try:
-        return pack(CHUNK_RESULT, task_id, (results, error), seconds)
+        return _fits(pack(CHUNK_RESULT, task_id, (results, error), seconds))
     except BaseException as exc:
         exc.add_note(f"(while the worker pickled the results of a map chunk of {fn!r})")
         return pack_error(ERROR, task_id, exc, seconds)
+
+
+def _fits(packed: Packed) -> Packed:
+    """*packed*, or ValueError when it carries more fds than one frame can: sent, it
+    would end the channel, and the worker with it, instead of failing one task."""
+    if len(packed.fds) <= MAX_FDS:
+        return packed
+    count = len(packed.fds)
+    packed.close()
+    raise ValueError(
+        f"a result can carry at most {MAX_FDS} shared-memory blocks and large buffers, "
+        f"this one has {count}; return fewer, or one larger SharedArray"
+    )
 
 
 def serve(endpoint: Endpoint) -> None:
