@@ -101,3 +101,16 @@ def many_segments(count: int) -> list[Any]:
     from allcores.shm.segment import Segment
 
     return [Segment.create(16) for _ in range(count)]
+
+
+def sha256(data: bytes) -> str:
+    """The digest of what the worker received (identity() would hand back the
+    caller's own object, proving nothing about the copy)."""
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def reverse(data: bytes) -> bytes:
+    """A new large result, which travels back through a memfd."""
+    return data[::-1]

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import hashlib
 import os
 import pickle
 
 import numpy as np
 import pytest
 
-from allcores.pool import Pool
+from allcores.pool import Pool, _pull
 from allcores.pool import _protocol as proto
 from allcores.pool._serialize import (
     OOB_THRESHOLD,
     dump_function,
     load_function,
     pack,
+    pack_call,
     read_head,
     unpack,
     wrap_large_bytes,
@@ -119,3 +122,71 @@ def test_large_arguments_and_results_round_trip_intact(pool: Pool) -> None:
 def test_a_100_mib_payload_round_trips(pool: Pool) -> None:
     data = b"\x5a" * (100 * 1024 * 1024)
     assert pool.submit(helpers.identity, data).result(timeout=60) == data
+
+
+def test_large_bytes_arguments_reach_the_worker_intact_by_the_best_path(pool: Pool) -> None:
+    data = os.urandom(4 * 1024 * 1024)
+    digest = hashlib.sha256(data).hexdigest()
+    assert pool.submit(helpers.sha256, data).result(timeout=60) == digest
+    assert pool.submit(helpers.reverse, data).result(timeout=60) == data[::-1]
+    blob = dump_function(helpers.sha256)
+    if _pull.AVAILABLE and _pull.kernel_allows():
+        # The worker copies the argument out of this process: no memfd, no fd.
+        assert pool._pull_ok
+        packed = pack_call(proto.TASK, 1, blob, (data,), {}, pull_from=os.getpid())
+        assert packed.segment is None and packed.fds == []
+        assert len(packed.payload) < 1024
+    else:
+        assert not pool._pull_ok
+    # Mutable or not bytes: always through the memfd.
+    for value in (bytearray(data), memoryview(data)):
+        packed = pack_call(proto.TASK, 1, blob, (value,), {}, pull_from=os.getpid())
+        assert packed.segment is not None
+        packed.close()
+
+
+def test_without_pulls_large_arguments_go_through_a_memfd(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_pull, "kernel_allows", lambda: False)  # as under Yama's scope 1
+    data = os.urandom(1024 * 1024)
+    with Pool(1) as pool:
+        assert pool.submit(helpers.sha256, data).result(timeout=60) == (
+            hashlib.sha256(data).hexdigest()
+        )
+        assert not pool._pull_ok and pool._pull_never
+
+
+def test_a_worker_that_cannot_pull_turns_pulls_off_for_good() -> None:
+    # A READY that says "pull": False (a seccomp profile denying the call, say).
+    def ready(pool: Pool, pull: bool) -> None:
+        (worker,) = pool._workers.values()
+        message = pack(proto.READY, 0, {"pid": 0, "pull": pull})
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def deliver() -> None:  # on the pool's loop, like a real READY
+            pool._on_message(worker, message.payload, [])  # a ready worker: flags only
+            done.set_result(None)
+
+        pool._call(deliver)
+        done.result(timeout=30)
+
+    with Pool(1) as pool:
+        pool.submit(helpers.add, 1).result(timeout=30)
+        ready(pool, False)
+        assert not pool._pull_ok and pool._pull_never
+        ready(pool, True)
+        assert not pool._pull_ok  # never again
+        data = os.urandom(1024 * 1024)
+        assert pool.submit(helpers.sha256, data).result(timeout=60) == (
+            hashlib.sha256(data).hexdigest()
+        )
+
+
+def test_the_pull_probe_and_its_errors() -> None:
+    here = b"allcores probe " * 8
+    assert _pull.AVAILABLE
+    assert _pull.probe(os.getpid(), _pull.address_of(here), here)
+    assert not _pull.probe(os.getpid(), _pull.address_of(here), here[::-1])
+    with pytest.raises(OSError, match="could not copy a 16-byte argument"):
+        _pull.pull_bytes(os.getpid(), 8, 16)  # no memory there

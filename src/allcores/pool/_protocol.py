@@ -4,7 +4,7 @@
 
     pool (parent)                                   worker (blocking loop, `serve`)
     SETUP {worker id, initializer, scoreboard} ──►  attach scoreboard row, run initializer
-                                               ◄──  READY pid | INIT_FAILED (exc, traceback)
+                                               ◄──  READY {pid, pull} | INIT_FAILED (exc, tb)
     TASK  id (fn blob, args, kwargs)           ──►  fn(*args, **kwargs)
     CHUNK id (fn blob, [args, ...])            ──►  [fn(*args) for each]
     SKIP  id (a prefetched task was cancelled) ──►  drop it if it has not started
@@ -40,6 +40,7 @@ from typing import Any, Protocol
 from allcores.errors import ChannelClosed
 from allcores.ipc.channel import MAX_FDS
 from allcores.observe.scoreboard import Row, RowState, Scoreboard
+from allcores.pool import _pull
 from allcores.pool._serialize import (
     BATCH,
     OOB_THRESHOLD,
@@ -175,7 +176,10 @@ def _setup(endpoint: Endpoint) -> _RowWriter | None:
     if row is not None:
         row.set("state", RowState.READY)
         row.beat()
-    packed = pack(READY, 0, os.getpid())
+    # Can this worker copy large arguments straight from the pool (`_pull`)?
+    probe = setup.get("pull_probe")
+    pull = None if probe is None else _pull.probe(*probe)
+    packed = pack(READY, 0, {"pid": os.getpid(), "pull": pull})
     endpoint.send_bytes(packed.payload, packed.fds)
     return _RowWriter(row)
 

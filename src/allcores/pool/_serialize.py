@@ -34,6 +34,7 @@ from typing import Any
 
 import cloudpickle
 
+from allcores.pool import _pull
 from allcores.shm.segment import _OUTGOING as _OUTGOING_FDS
 from allcores.shm.segment import Segment, received_fds
 
@@ -134,6 +135,9 @@ class _OutOfBand:
         regions = _REGIONS_OUT.get()
         if regions is None:  # Pickled outside `pack`: in band.
             return (bytearray if self.mutable else bytes), (bytes(data),)
+        pull_from = _PULL_FROM.get()
+        if pull_from is not None and type(data) is bytes:
+            return _pull.pull_bytes, (pull_from, _pull.address_of(data), len(data))
         regions.append(data)
         return _take_region, (len(regions) - 1, self.mutable)
 
@@ -158,6 +162,13 @@ _REGIONS_OUT: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar(
 )
 _REGIONS_IN: contextvars.ContextVar[tuple[int, list[tuple[int, int]]] | None] = (
     contextvars.ContextVar("allcores_pool_regions_in", default=None)
+)
+
+
+# Set by `pack_call(pull_from=pid)`: large `bytes` arguments travel as an address in
+# that process, which the worker copies from itself (`allcores.pool._pull`).
+_PULL_FROM: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "allcores_pool_pull_from", default=None
 )
 
 
@@ -280,11 +291,18 @@ def _is_plain(obj: Any, depth: int = 0) -> bool:
 
 
 def pack_call(
-    kind: int, task_id: int, blob: bytes, args: tuple[Any, ...], kwargs: dict[str, Any]
+    kind: int,
+    task_id: int,
+    blob: bytes,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    pull_from: int | None = None,
 ) -> Packed:
     """`pack` of a call ``(blob, args, kwargs)``, with large bytes arguments out of band.
 
-    Scalar positional arguments, the tiny task's case, skip every check.
+    With *pull_from* (this process's pid), large `bytes` arguments go as their
+    address, for the worker to copy (`allcores.pool._pull`); the caller must keep
+    them alive until the reply. Scalar positional arguments skip every check.
     """
     if not kwargs:
         for arg in args:
@@ -297,7 +315,13 @@ def pack_call(
                 [],
                 None,
             )
-    return pack(kind, task_id, (blob, wrap_large_bytes(args), kwargs))
+    if pull_from is None:
+        return pack(kind, task_id, (blob, wrap_large_bytes(args), kwargs))
+    token = _PULL_FROM.set(pull_from)
+    try:
+        return pack(kind, task_id, (blob, wrap_large_bytes(args), kwargs))
+    finally:
+        _PULL_FROM.reset(token)
 
 
 def pack(kind: int, task_id: int, obj: Any, seconds: float = 0.0) -> Packed:

@@ -55,6 +55,7 @@ from allcores.errors import ChannelError
 from allcores.ipc.channel import MAX_FDS
 from allcores.observe.scoreboard import RowState, Scoreboard
 from allcores.pool import _protocol as proto
+from allcores.pool import _pull
 from allcores.pool._serialize import (
     Packed,
     SameAsArgument,
@@ -480,6 +481,11 @@ class Pool(concurrent.futures.Executor):
         self._claims_checked = 0.0
         self._adrift: set[_Worker] = set()
         self._claims_seen: set[int] = set()
+        # Large bytes arguments by address (`_pull`): on once a worker could read
+        # this probe from here, off for good once one could not.
+        self._pull_ok = False
+        self._pull_never = not (_pull.AVAILABLE and _pull.kernel_allows())
+        self._pull_probe = os.urandom(64)
         self._sync_tokens = itertools.count(1)
         self._direct_sent = 0  # tasks that went by `_send_direct` (for tests and tuning)
         self._room_waiters: list[concurrent.futures.Future[None]] = []
@@ -603,6 +609,9 @@ class Pool(concurrent.futures.Executor):
                 "scoreboard": self._scoreboard.segment,
                 "scoreboard_rows": self._scoreboard.rows,
                 "row": row,
+                "pull_probe": None
+                if self._pull_never
+                else (os.getpid(), _pull.address_of(self._pull_probe), self._pull_probe),
             },
         )
         loop = self._loop
@@ -789,7 +798,10 @@ class Pool(concurrent.futures.Executor):
         elif kind == proto.SYNCED:
             self._on_synced(worker, task_id)
         elif kind == proto.READY:
-            unpack(payload, fds)
+            info = unpack(payload, fds)
+            if info.get("pull") is False:
+                self._pull_never = True
+            self._pull_ok = bool(info.get("pull")) and not self._pull_never
             self._on_ready(worker)
         elif kind == proto.INIT_FAILED:
             exc, tb = unpack(payload, fds)
@@ -947,8 +959,14 @@ class Pool(concurrent.futures.Executor):
         timeout: float | None,
         *,
         chunk: list[tuple[Any, ...]] | None = None,
+        pull: bool = False,
     ) -> _Task:
-        """Pickle a task in the caller's thread; raises on a closed pool or a full queue."""
+        """Pickle a task in the caller's thread; raises on a closed pool or a full queue.
+
+        With *pull*, large `bytes` arguments may travel by address (`_pull`): only for
+        a task that is never skipped once sent, so that they outlive the worker's read
+        (the task holds them until its reply).
+        """
         if self._broken is not None:
             raise self._broken
         if self._closing:
@@ -958,7 +976,8 @@ class Pool(concurrent.futures.Executor):
         task_id = next(self._task_ids)
         blob = dump_function(fn)
         if chunk is None:
-            packed = pack_call(proto.TASK, task_id, blob, args, kwargs)
+            pull_from = os.getpid() if pull and self._pull_ok else None
+            packed = pack_call(proto.TASK, task_id, blob, args, kwargs, pull_from)
             task = _Task(task_id, fn, (args, kwargs), packed, timeout, -1)
         else:
             packed = pack(proto.CHUNK, task_id, (blob, chunk))
@@ -1839,7 +1858,9 @@ class Pool(concurrent.futures.Executor):
         timeout: float | None = None,
     ) -> concurrent.futures.Future[R]:
         """`submit` with a per-task *timeout* (seconds of running, not of waiting)."""
-        task = self._new_task(fn, args, kwargs or {}, timeout)
+        # Pulled arguments are safe here: a submitted task is RUNNING once sent, so it
+        # is never skipped (SKIP) while the worker may be reading them.
+        task = self._new_task(fn, args, kwargs or {}, timeout, pull=True)
         handed = False
         try:
             future: concurrent.futures.Future[R] = _PoolFuture(self, task)
