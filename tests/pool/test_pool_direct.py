@@ -388,13 +388,12 @@ def test_a_submit_cut_before_its_frame_went_leaves_the_pool_working(
     assert pool.stats().failed == 1  # the cut task, which its caller never saw
 
 
-@pytest.mark.parametrize("seed", [1, 2])
-def test_interrupts_at_random_moments_lose_nothing(seed: int) -> None:
-    # The whole direct path under fire: see tests/pool/interrupt_fuzz.py.
+def _run_module(*argv: str) -> str:
+    """Run ``python -m argv...`` from the repository root; its output, or a failure."""
     root = Path(__file__).resolve().parents[2]
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "tests.pool.interrupt_fuzz", str(seed), "300", "20"],
+            [sys.executable, "-m", *argv],
             cwd=root,
             capture_output=True,
             text=True,
@@ -404,3 +403,20 @@ def test_interrupts_at_random_moments_lose_nothing(seed: int) -> None:
         pytest.fail(f"the interrupted pool hung: {exc.stdout!r} {exc.stderr!r}")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "OK:" in done.stdout
+    return done.stdout
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_interrupts_at_random_moments_lose_nothing(seed: int) -> None:
+    # The whole direct path under fire: see tests/pool/interrupt_fuzz.py.
+    _run_module("tests.pool.interrupt_fuzz", str(seed), "300", "20")
+
+
+@pytest.mark.parametrize(("workers", "max_tasks"), [(1, 0), (2, 3)])
+def test_an_interrupt_at_each_point_of_a_round_trip_loses_nothing(
+    workers: int, max_tasks: int
+) -> None:
+    # Every point where CPython could raise KeyboardInterrupt, one after the other:
+    # see tests/pool/cut_sweep.py.
+    out = _run_module("tests.pool.cut_sweep", str(workers), str(max_tasks))
+    assert int(out.split()[1]) > 50  # it did walk the round trip

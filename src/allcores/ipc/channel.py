@@ -553,8 +553,9 @@ class AsyncChannel:
         reader = self._reader
         poller = self._poller
         if poller is None:
-            poller = self._poller = select.poll()  # not select(): fds past 1023 exist
+            poller = select.poll()  # not select(): fds past 1023 exist
             poller.register(self._sock.fileno(), select.POLLIN)
+            self._poller = poller  # kept only once registered (a Ctrl-C may cut this)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if reader.mid_frame():

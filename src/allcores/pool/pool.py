@@ -132,6 +132,9 @@ DIRECT_GRACE = 0.002
 # The loop looks for such tasks every DIRECT_GRACE while direct submits keep
 # coming, and stops looking this long after the last one.
 DIRECT_LINGER = 0.1
+# A submit asks for the sweep again when it has not run for this long: a Ctrl-C can
+# cut the request that started it.
+SWEEP_STALE = 0.5
 # While a thread holds a worker's socket to read its reply, the loop checks this
 # often that the thread is still in `Pool._wait_direct`: an exception raised in it
 # asynchronously (Ctrl-C) at the wrong bytecode can skip its release, and the
@@ -343,6 +346,40 @@ def _future_done(future: concurrent.futures.Future[Any] | asyncio.Future[Any]) -
     return future.done() if state is None else state in _DONE_STATES
 
 
+def _lock_free(future: concurrent.futures.Future[Any] | asyncio.Future[Any]) -> bool:
+    """False when another thread holds *future*'s lock right now.
+
+    A Ctrl-C can land in CPython's ``Condition.__enter__`` just after it took the
+    lock (in ``result()`` or ``set_result``), and then the interrupted thread keeps
+    it until it waits on that future again. The loop must not block on it.
+    """
+    condition = getattr(future, "_condition", None)  # concurrent futures only
+    if condition is None or condition.acquire(False):
+        if condition is not None:
+            condition.release()
+        return True
+    return False
+
+
+def _settle_aside(
+    future: concurrent.futures.Future[Any] | asyncio.Future[Any],
+    value: Any,
+    exc: BaseException | None,
+) -> None:
+    """Settle *future* from a short-lived thread, which may wait for its lock: held
+    by the thread using it (briefly), or by a thread a Ctrl-C cut while it held it
+    (until that thread waits on the future again, which releases it)."""
+
+    def settle() -> None:
+        with contextlib.suppress(concurrent.futures.InvalidStateError, asyncio.InvalidStateError):
+            if exc is None:
+                future.set_result(value)
+            else:
+                future.set_exception(exc)
+
+    threading.Thread(target=settle, name="allcores-settle", daemon=True).start()
+
+
 def _running_frames() -> set[Any]:
     """Every frame on some thread's stack now (`Pool._check_claims`)."""
     running: set[Any] = set()
@@ -477,6 +514,8 @@ class Pool(concurrent.futures.Executor):
         self._direct_stats: collections.deque[tuple[str | None, float, float]] = collections.deque()
         self._last_direct = 0.0
         self._sweeping = False
+        self._sweep_handle: asyncio.TimerHandle | None = None
+        self._swept_at = 0.0
         self._claims = False  # a thread may hold a worker's socket (`_check_claims`)
         self._claims_checked = 0.0
         self._adrift: set[_Worker] = set()
@@ -904,10 +943,13 @@ class Pool(concurrent.futures.Executor):
         if type(future) is _PoolFuture:
             future._task = future._pool = None
         if future is not None:
-            try:  # noqa: SIM105 - per task; contextlib.suppress builds an object
-                future.set_result(value)
-            except (concurrent.futures.InvalidStateError, asyncio.InvalidStateError):
-                pass  # Cancelled (or timed out) meanwhile.
+            if not _lock_free(future) and self._on_loop_thread():
+                _settle_aside(future, value, None)
+            else:
+                try:  # noqa: SIM105 - per task; contextlib.suppress builds an object
+                    future.set_result(value)
+                except (concurrent.futures.InvalidStateError, asyncio.InvalidStateError):
+                    pass  # Cancelled (or timed out) meanwhile.
         self._release_packed(task.packed)
 
     def _release_packed(self, packed: Packed) -> None:
@@ -936,6 +978,9 @@ class Pool(concurrent.futures.Executor):
             future._task = future._pool = None
         if future is None or _future_done(future):
             return
+        if not _lock_free(future) and self._on_loop_thread():
+            _settle_aside(future, None, exc)
+            return
         with contextlib.suppress(concurrent.futures.InvalidStateError, asyncio.InvalidStateError):
             future.set_exception(exc)
 
@@ -960,6 +1005,7 @@ class Pool(concurrent.futures.Executor):
         *,
         chunk: list[tuple[Any, ...]] | None = None,
         pull: bool = False,
+        reserve: bool = True,
     ) -> _Task:
         """Pickle a task in the caller's thread; raises on a closed pool or a full queue.
 
@@ -989,6 +1035,8 @@ class Pool(concurrent.futures.Executor):
                 f"a task can carry at most {MAX_FDS} shared-memory blocks and large "
                 f"buffers, this one has {count}; pass fewer, or one larger SharedArray"
             )
+        if not reserve:
+            return task
         try:
             # A map bounds its own chunks in flight, so they never meet max_queue.
             self._reserve(task, enforce=chunk is None)
@@ -1166,9 +1214,17 @@ class Pool(concurrent.futures.Executor):
             return False
         future = task.future
         assert isinstance(future, concurrent.futures.Future)
+        now = time.monotonic()
+        sender = sys._getframe()
         with self._idle_lock:
             if not self._idle or self._closing:
                 return False
+            # The sweep recovers a task whose submit a Ctrl-C cuts anywhere below
+            # (`_direct_interrupted`): it runs, or is asked for, before anything is
+            # taken. Asked again if it seems to have stopped (a cut kick).
+            if not self._sweeping or now - self._swept_at > SWEEP_STALE:
+                self._post(self._kick_sweep)
+                self._sweeping = True
             with self._count_lock:
                 if self._queued != 1:  # 1: this task's own reservation
                     return False
@@ -1176,25 +1232,21 @@ class Pool(concurrent.futures.Executor):
                 self._queued -= 1
                 task.state = _SENT
                 wake_waiters = bool(self._room_waiters or self._drain_waiters)
-            worker = self._idle.pop()
-            # Every field is set before the task is published (worker.direct): the
-            # sweep, or the loop ending this worker, may look at it at once.
-            task.running_set = True
-            task.sender = sys._getframe()
+            # A cut from here to `worker.direct` either drops the task before a
+            # worker is taken, or comes after it is published: between the two,
+            # nothing calls out, and a signal handler runs only at calls and jumps.
             future.set_running_or_notify_cancel()  # new: nobody can have cancelled it
+            task.running_set = True
+            task.sender = sender
+            task.started = self._last_direct = now
+            task.owner = _OWNER_NONE
+            worker = self._idle[-1]
+            del self._idle[-1]
             task.worker = worker
-            task.started = self._last_direct = time.monotonic()
             worker.sent += 1
             worker.direct = task
-            task.owner = _OWNER_NONE
             self._direct_live.add(task)
             self._direct_sent += 1
-            start_sweeping = not self._sweeping
-            self._sweeping = True
-        # Before the send: a Ctrl-C that cuts what follows must leave the task to the
-        # sweep, which recovers it whether it went or not (`_direct_interrupted`).
-        if start_sweeping:
-            self._post(self._sweep_direct)
         handle = worker.handle
         if handle is not None and handle.send_from_thread(packed.payload, packed.fds):
             task.sender = None
@@ -1328,7 +1380,7 @@ class Pool(concurrent.futures.Executor):
             if attached:
                 worker.direct = None
                 task.owner = _OWNER_LOOP
-                self._direct_live.discard(task)
+            self._direct_live.discard(task)  # even detached: a cut may have kept it
         handle = worker.handle
         if frame is not None:
             if worker.inflight.get(task.id) is task:
@@ -1362,8 +1414,9 @@ class Pool(concurrent.futures.Executor):
                 worker.suspects[token] = task
                 handle.send(pack(proto.SYNC, token, None).payload)
             return
-        if attached:
-            self._after_direct(worker)
+        # Always: a cut in `_finish_direct` may have left the worker neither idle nor
+        # busy, even when the task was no longer attached (`_after_direct` checks).
+        self._after_direct(worker)
 
     def _on_synced(self, worker: _Worker, token: int) -> None:
         """Every reply the worker owed at SYNC has come: a suspect still unsettled
@@ -1475,22 +1528,24 @@ class Pool(concurrent.futures.Executor):
         self._run_ema += (seconds - self._run_ema) * 0.1
         outcome = self._settle_reply(task, kind, seconds, payload, fds)
         limit = self._settings.max_tasks_per_child
+        now = time.monotonic()
         with self._idle_lock:
             ours = worker.direct is task
             back = False
             if ours:
-                worker.direct = None
-                task.owner = _OWNER_LOOP
-                self._direct_live.discard(task)
                 back = (
                     worker.id in self._workers
                     and worker.state == _READY
                     and not self._closing
                     and (limit is None or worker.sent < limit)
                 )
+                task.owner = _OWNER_LOOP
+                # No call from the detach to the append: a cut cannot fall between.
+                worker.direct = None
                 if back:
-                    worker.idle_since = time.monotonic()
+                    worker.idle_since = now
                     self._idle.append(worker)
+                self._direct_live.discard(task)
         if not ours:
             return True  # the loop ended the worker meanwhile (interpreter exit)
         # The loop folds these into the counts and histograms (`_fold_direct_stats`).
@@ -1565,10 +1620,16 @@ class Pool(concurrent.futures.Executor):
         if worker.handle is not None:
             worker.handle.resume_reading()
 
+    def _kick_sweep(self) -> None:
+        """Start the sweep unless it runs (loop thread; asked for from any thread)."""
+        if self._sweep_handle is None and not self._closed.is_set():
+            self._sweep_direct()
+
     def _sweep_direct(self) -> None:
         """Take over direct tasks nobody reads, every DIRECT_GRACE while direct tasks
         come; check claims (`_check_claims`) every CLAIM_CHECK while any is held."""
-        now = time.monotonic()
+        self._sweep_handle = None
+        now = self._swept_at = time.monotonic()
         if now - self._claims_checked >= CLAIM_CHECK:
             self._claims_checked = now
             self._check_claims()
@@ -1591,7 +1652,7 @@ class Pool(concurrent.futures.Executor):
                     task.owner = _OWNER_LOOP
                     stale.append(task)
             busy = unread or now - self._last_direct < DIRECT_LINGER
-            go_on = not self._closed.is_set() and (busy or self._claims)
+            go_on = not self._closed.is_set() and (busy or self._claims or bool(self._adrift))
             if not go_on:
                 self._sweeping = False
         for task in stale:
@@ -1603,7 +1664,9 @@ class Pool(concurrent.futures.Executor):
         self._fold_direct_stats()
         if go_on:
             assert self._loop is not None
-            self._loop.call_later(DIRECT_GRACE if busy else CLAIM_CHECK, self._sweep_direct)
+            self._sweep_handle = self._loop.call_later(
+                DIRECT_GRACE if busy else CLAIM_CHECK, self._sweep_direct
+            )
 
     def _fold_direct_stats(self) -> None:
         """Counts and histograms of direct tasks, recorded by waiting threads (loop)."""
@@ -1706,6 +1769,8 @@ class Pool(concurrent.futures.Executor):
 
     def _begin_shutdown(self, cancel_futures: bool) -> None:
         self._closing = True
+        if self._direct_sent:
+            self._kick_sweep()  # it recovers a direct task a Ctrl-C left unsent
         if cancel_futures:
             for task in self._queue:
                 self._spend(task)
@@ -1860,9 +1925,12 @@ class Pool(concurrent.futures.Executor):
         """`submit` with a per-task *timeout* (seconds of running, not of waiting)."""
         # Pulled arguments are safe here: a submitted task is RUNNING once sent, so it
         # is never skipped (SKIP) while the worker may be reading them.
-        task = self._new_task(fn, args, kwargs or {}, timeout, pull=True)
+        task = self._new_task(fn, args, kwargs or {}, timeout, pull=True, reserve=False)
         handed = False
         try:
+            # Reserved here, inside the try: a Ctrl-C right after a reservation made
+            # in `_new_task` would lose the task, and its queue slot with it.
+            self._reserve(task)
             future: concurrent.futures.Future[R] = _PoolFuture(self, task)
             task.future = future
             if self._on_loop_thread():
