@@ -1215,7 +1215,6 @@ class Pool(concurrent.futures.Executor):
         future = task.future
         assert isinstance(future, concurrent.futures.Future)
         now = time.monotonic()
-        sender = sys._getframe()
         with self._idle_lock:
             if not self._idle or self._closing:
                 return False
@@ -1237,7 +1236,9 @@ class Pool(concurrent.futures.Executor):
             # nothing calls out, and a signal handler runs only at calls and jumps.
             future.set_running_or_notify_cancel()  # new: nobody can have cancelled it
             task.running_set = True
-            task.sender = sender
+            # Not kept in a local: the frame would then refer to itself, and every
+            # round trip would leave a cycle for the garbage collector.
+            task.sender = sys._getframe()
             task.started = self._last_direct = now
             task.owner = _OWNER_NONE
             worker = self._idle[-1]
@@ -1293,13 +1294,15 @@ class Pool(concurrent.futures.Executor):
         """
         if self._on_loop_thread():
             return timeout
-        token = sys._getframe()
+        # The claim is named by this call's frame, fetched again where it is needed
+        # rather than kept in a local (a frame referring to itself is a cycle for
+        # the garbage collector, one per round trip).
         with self._idle_lock:
             worker = task.worker
             if task.owner != _OWNER_NONE or worker is None or worker.direct is not task:
                 return timeout
             handle = worker.handle
-            claimed = handle is not None and handle.claim_reading(token)
+            claimed = handle is not None and handle.claim_reading(sys._getframe())
             task.owner = _OWNER_CALLER if claimed else _OWNER_LOOP
             if claimed:
                 self._claims = True
@@ -1354,7 +1357,7 @@ class Pool(concurrent.futures.Executor):
                 # worker, must not adopt it too). A resume asked for meanwhile (the
                 # sweep, or a dispatch to the worker once idle again) is kept by the
                 # claim and honoured here.
-                handle.release_reading(resume=to_loop and not interrupted, token=token)
+                handle.release_reading(resume=to_loop and not interrupted, token=sys._getframe())
         return None if deadline is None else max(0.0, deadline - time.monotonic())
 
     def _direct_interrupted(
