@@ -1461,9 +1461,9 @@ class Pool(concurrent.futures.Executor):
                     and not worker.inflight
                     and worker not in self._idle
                 ):
-                    # Neither idle nor busy: a submit cut between taking the worker
-                    # and giving it its task. Such a state lasts µs when nothing is
-                    # cut, so only one seen at two checks in a row is put back.
+                    # Neither idle nor busy: a safety net for a Ctrl-C that cuts a
+                    # step taking or giving back a worker. Such a state lasts µs when
+                    # nothing is cut, so only one seen at two checks in a row is put back.
                     adrift.add(worker)
             self._claims = bool(claims)
         lost, self._adrift = adrift & self._adrift, adrift
