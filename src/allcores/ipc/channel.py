@@ -112,6 +112,17 @@ def _fds_from_ancillary(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     return fds
 
 
+def _poller_for(sock: socket.socket) -> select.poll:
+    """A poll object watching *sock* for input (not select(): fds past 1023 exist).
+
+    Made whole before it is kept: a Ctrl-C between creating and registering it must
+    not leave a poller that watches nothing, on which every later wait sleeps forever.
+    """
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return poller
+
+
 def _close_fds(fds: Sequence[int]) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
@@ -335,8 +346,7 @@ class Channel:
             return True
         poller = self._poller
         if poller is None:
-            poller = self._poller = select.poll()
-            poller.register(self._sock.fileno(), select.POLLIN)
+            poller = self._poller = _poller_for(self._sock)
         return bool(poller.poll(0))
 
     def poll(self) -> bool:
@@ -553,9 +563,7 @@ class AsyncChannel:
         reader = self._reader
         poller = self._poller
         if poller is None:
-            poller = select.poll()  # not select(): fds past 1023 exist
-            poller.register(self._sock.fileno(), select.POLLIN)
-            self._poller = poller  # kept only once registered (a Ctrl-C may cut this)
+            poller = self._poller = _poller_for(self._sock)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if reader.mid_frame():
