@@ -1396,8 +1396,7 @@ class Pool(concurrent.futures.Executor):
                 if fds:
                     # The cut unpickling may have taken (and closed) some of these
                     # fds: using them again could touch another file. Left open.
-                    self._counts["failed"] += 1
-                    self._settle_error(task, ReplyLostError(task.describe(), worker.id))
+                    self._fail_lost(worker, task)
                 else:
                     kind, _nbuf, _nuser, _task_id, seconds = read_head(payload)
                     outcome = self._settle_reply(task, kind, seconds, payload, fds)
@@ -1405,8 +1404,7 @@ class Pool(concurrent.futures.Executor):
                         self._counts[outcome] += 1
         elif attached and task.state != _DONE:
             if handle is not None and handle.stream_in_doubt():
-                self._counts["failed"] += 1
-                self._settle_error(task, ReplyLostError(task.describe(), worker.id))
+                self._fail_lost(worker, task)
                 self._kill(worker)
                 return
             worker.inflight[task.id] = task
@@ -1428,9 +1426,13 @@ class Pool(concurrent.futures.Executor):
         if task is None or worker.inflight.get(task.id) is not task:
             return
         del worker.inflight[task.id]
+        self._fail_lost(worker, task)
+        self._after_reply(worker)
+
+    def _fail_lost(self, worker: _Worker, task: _Task) -> None:
+        """Fail *task*, whose reply from *worker* a cut read lost (or may have)."""
         self._counts["failed"] += 1
         self._settle_error(task, ReplyLostError(task.describe(), worker.id))
-        self._after_reply(worker)
 
     def _check_claims(self) -> None:
         """Give back claims whose thread left `_wait_direct` without releasing them.
