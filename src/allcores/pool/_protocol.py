@@ -4,6 +4,7 @@
 
     pool (parent)                                   worker (blocking loop, `serve`)
     SETUP {worker id, initializer, scoreboard} ──►  attach scoreboard row, run initializer
+    (a forked worker finds SETUP in memory)
                                                ◄──  READY {pid, pull} | INIT_FAILED (exc, tb)
     TASK  id (fn blob, args, kwargs)           ──►  fn(*args, **kwargs)
     CHUNK id (fn blob, [args, ...])            ──►  [fn(*args) for each]
@@ -147,13 +148,19 @@ class _RowWriter:
             self._d.pack_into(buf, self._beat, time.monotonic())
 
 
-def _setup(endpoint: Endpoint) -> _RowWriter | None:
-    """Read SETUP, run the initializer; None when the worker must stop."""
-    try:
-        payload, fds = endpoint.recv_bytes()
-    except ChannelClosed:
-        return None
-    setup: dict[str, Any] = unpack(payload, fds)
+def pack_setup(setup: dict[str, Any]) -> Packed:
+    """The SETUP frame, for a worker that does not find *setup* in memory."""
+    return pack(SETUP, 0, setup)
+
+
+def _setup(endpoint: Endpoint, setup: dict[str, Any] | None) -> _RowWriter | None:
+    """Read SETUP (unless given), run the initializer; None when the worker must stop."""
+    if setup is None:
+        try:
+            payload, fds = endpoint.recv_bytes()
+        except ChannelClosed:
+            return None
+        setup = unpack(payload, fds)
     row = None
     scoreboard = setup.get("scoreboard")
     if scoreboard is not None:
@@ -245,10 +252,13 @@ def _fits(packed: Packed) -> Packed:
     )
 
 
-def serve(endpoint: Endpoint) -> None:
-    """The worker's life: setup, then tasks until the pool closes the channel."""
+def serve(endpoint: Endpoint, setup: dict[str, Any] | None = None) -> None:
+    """The worker's life: setup, then tasks until the pool closes the channel.
+
+    *setup* is SETUP's content when the worker has it already (a forked process).
+    """
     try:
-        row = _setup(endpoint)
+        row = _setup(endpoint, setup)
     except ChannelClosed:
         return  # The pool shut down while this worker started.
     if row is None:

@@ -555,21 +555,10 @@ class Pool(concurrent.futures.Executor):
 
     def _ensure_loop(self) -> asyncio.AbstractEventLoop:
         loop = self._loop
-        if loop is not None and not loop.is_closed():
-            return loop
-        with self._bind_lock:
+        if loop is None:
+            self._bind()
             loop = self._loop
-            if loop is None:
-                try:
-                    running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-                except RuntimeError:
-                    running = None
-                if running is not None:
-                    self._loop = running
-                    self._loop_thread_id = threading.get_ident()
-                    self._attach_all()
-                    return running
-                return self._start_private_loop()
+            assert loop is not None
         if loop.is_closed():
             self._terminate(
                 PoolClosedError(
@@ -581,27 +570,47 @@ class Pool(concurrent.futures.Executor):
             raise self._broken or PoolClosedError("pool is closed")
         return loop
 
-    def _start_private_loop(self) -> asyncio.AbstractEventLoop:
-        # The loop is built and given the workers' channels here, before its thread
-        # runs it: callbacks queued meanwhile (call_soon_threadsafe) wait in it, and
-        # the caller does not wait for the new thread to be scheduled (~1 ms while
-        # freshly forked workers hold both cores).
-        loop = _new_event_loop()
-        self._loop = loop
-        self._attach_all()
+    def _bind(self, first: _Task | None = None) -> bool:
+        """Bind the pool to the running event loop, else start its own in a thread.
 
-        def run() -> None:
-            self._loop_thread_id = threading.get_ident()
-            asyncio.set_event_loop(loop)
+        With its own loop, *first* (the first task submitted) is sent on the way to a
+        worker still starting, right behind its SETUP, and the caller reads READY and
+        the reply itself (`_wait_direct`): the first result then waits neither for the
+        loop's thread to be scheduled (~1-2 ms while freshly forked workers hold both
+        cores) nor for a READY round trip through it. True when *first* went so.
+        """
+        with self._bind_lock:
+            if self._loop is not None:
+                return False
             try:
-                loop.run_forever()
-            finally:
-                loop.close()
+                running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if running is not None:
+                self._loop = running
+                self._loop_thread_id = threading.get_ident()
+                self._attach_all()
+                return False
+            # The loop is built and given the workers' channels here, before its
+            # thread runs it: callbacks queued meanwhile (call_soon_threadsafe) wait in
+            # it, and nothing reads a worker that `_send_early` takes.
+            loop = _new_event_loop()
+            self._loop = loop
+            self._attach_all()
+            sent = first is not None and self._send_early(first)
 
-        thread = threading.Thread(target=run, name="allcores-pool-loop", daemon=True)
-        self._private_thread = thread
-        thread.start()
-        return loop
+            def run() -> None:
+                self._loop_thread_id = threading.get_ident()
+                asyncio.set_event_loop(loop)
+                try:
+                    loop.run_forever()
+                finally:
+                    loop.close()
+
+            thread = threading.Thread(target=run, name="allcores-pool-loop", daemon=True)
+            self._private_thread = thread
+            thread.start()
+            return sent
 
     def _attach_all(self) -> None:
         for worker in list(self._workers.values()):
@@ -639,39 +648,30 @@ class Pool(concurrent.futures.Executor):
         worker = _Worker(next(self._worker_ids), row)
         self._workers[worker.id] = worker
         self._scoreboard.row(row).clear(0, RowState.STARTING)
-        setup = pack(
-            proto.SETUP,
-            0,
-            {
-                "worker_id": worker.id,
-                "initializer": self._initializer_blob,
-                "scoreboard": self._scoreboard.segment,
-                "scoreboard_rows": self._scoreboard.rows,
-                "row": row,
-                "pull_probe": None
-                if self._pull_never
-                else (os.getpid(), _pull.address_of(self._pull_probe), self._pull_probe),
-            },
-        )
+        setup = {
+            "worker_id": worker.id,
+            "initializer": self._initializer_blob,
+            "scoreboard": self._scoreboard.segment,
+            "scoreboard_rows": self._scoreboard.rows,
+            "row": row,
+            "pull_probe": None
+            if self._pull_never
+            else (os.getpid(), _pull.address_of(self._pull_probe), self._pull_probe),
+        }
         loop = self._loop
         if loop is not None and self._backend.start_is_slow():
-            started = loop.run_in_executor(
-                None, self._backend.start_worker, worker.id, setup.payload, setup.fds
-            )
-            started.add_done_callback(lambda f: self._on_started(worker, setup, f))
+            started = loop.run_in_executor(None, self._backend.start_worker, worker.id, setup)
+            started.add_done_callback(lambda f: self._on_started(worker, f))
             return
         try:
-            worker.handle = self._backend.start_worker(worker.id, setup.payload, setup.fds)
+            worker.handle = self._backend.start_worker(worker.id, setup)
         except BaseException:
             self._forget_worker(worker)
             raise
-        finally:
-            setup.close()
         if loop is not None:
             self._attach(worker)
 
-    def _on_started(self, worker: _Worker, setup: Packed, started: asyncio.Future[Any]) -> None:
-        setup.close()
+    def _on_started(self, worker: _Worker, started: asyncio.Future[Any]) -> None:
         exc = started.exception()
         if exc is not None:
             self._forget_worker(worker)
@@ -769,7 +769,10 @@ class Pool(concurrent.futures.Executor):
         inflight = list(worker.inflight.values())
         worker.inflight.clear()
         worker.state = _KILLED
-        if inflight:
+        if inflight and self._broken is not None:
+            for task in inflight:
+                self._settle_error(task, self._broken)
+        elif inflight and was != _STARTING:
             head, rest = inflight[0], inflight[1:]
             self._counts["crashed"] += 1
             pid = worker.handle.pid if worker.handle is not None else None
@@ -777,7 +780,11 @@ class Pool(concurrent.futures.Executor):
                 head, WorkerCrashedError(worker.id, pid, exit_.exitcode, head.describe())
             )
             self._requeue(rest)
-        elif was == _STARTING and not self._closing and self._broken is None:
+        else:
+            # A worker that dies before READY never ran the task it was sent early
+            # (`_send_early`): that task waits for the next worker.
+            self._requeue(inflight)
+        if was == _STARTING and not self._closing and self._broken is None:
             self._worker_failed_to_start(
                 RuntimeError(
                     f"pool worker {worker.id} exited with code {exit_.exitcode} during start"
@@ -823,6 +830,10 @@ class Pool(concurrent.futures.Executor):
 
     def _on_message(self, worker: _Worker, payload: bytes | bytearray, fds: list[int]) -> None:
         kind, _nbuf, _nuser, task_id, seconds = read_head(payload)
+        if worker.state == _STARTING and kind != proto.READY and kind != proto.INIT_FAILED:
+            # Its READY went before, to a thread that read it and was cut before
+            # passing it on (`_send_early`): only its pull answer is lost (pulls stay off).
+            self._on_ready(worker)
         if kind == proto.RESULT or kind == proto.ERROR or kind == proto.CHUNK_RESULT:
             direct = worker.direct
             if direct is not None and direct.id == task_id:
@@ -860,9 +871,14 @@ class Pool(concurrent.futures.Executor):
             return
         self._ever_ready = True
         self._failed_starts = 0
-        worker.state = _READY
+        with self._idle_lock:
+            # Under the lock: the thread that reads a task sent before READY
+            # (`_send_early`) re-lists the worker itself if it is READY by then.
+            worker.state = _READY
+            busy = worker.direct is not None or bool(worker.inflight)
         worker.idle_since = time.monotonic()
-        self._make_idle(worker)
+        if not busy:
+            self._make_idle(worker)
         if self._ready_waiters and not any(w.state == _STARTING for w in self._workers.values()):
             self._wake(self._ready_waiters, None)
         self._pump()
@@ -1198,8 +1214,27 @@ class Pool(concurrent.futures.Executor):
 
     # ── direct round trips (a thread other than the loop's submits and waits) ──
 
-    def _send_direct(self, task: _Task) -> bool:
-        """Send *task* from the submitting thread to an idle worker; False if not.
+    def _send_early(self, task: _Task) -> bool:
+        """Send the pool's first task to a worker that is still starting (`_bind`).
+
+        Only before the loop runs: nothing reads the worker's socket yet, so pausing
+        it hands the socket to the caller, as for an idle worker. The worker reads
+        the task after SETUP; its READY comes ahead of the reply, and the thread that
+        reads the reply passes it on to the loop (`_wait_direct`).
+        """
+        for worker in self._workers.values():
+            handle = worker.handle
+            if worker.state == _STARTING and handle is not None:
+                handle.pause_reading()
+                if self._send_direct(task, early=worker):
+                    return True
+                handle.resume_reading()  # the loop reads its READY after all
+                return False
+        return False
+
+    def _send_direct(self, task: _Task, early: _Worker | None = None) -> bool:
+        """Send *task* from the submitting thread to an idle worker (or to *early*, a
+        starting worker whose socket nobody reads: `_send_early`); False if not.
 
         Through the loop a sync round trip costs four thread wake-ups (caller, loop,
         worker, loop, caller). Sent from here, with the reply read by the thread that
@@ -1216,7 +1251,7 @@ class Pool(concurrent.futures.Executor):
         assert isinstance(future, concurrent.futures.Future)
         now = time.monotonic()
         with self._idle_lock:
-            if not self._idle or self._closing:
+            if self._closing or (not self._idle if early is None else early.direct is not None):
                 return False
             # The sweep recovers a task whose submit a Ctrl-C cuts anywhere below
             # (`_direct_interrupted`): it runs, or is asked for, before anything is
@@ -1241,8 +1276,11 @@ class Pool(concurrent.futures.Executor):
             task.sender = sys._getframe()
             task.started = self._last_direct = now
             task.owner = _OWNER_NONE
-            worker = self._idle[-1]
-            del self._idle[-1]
+            if early is None:
+                worker = self._idle[-1]
+                del self._idle[-1]
+            else:
+                worker = early
             task.worker = worker
             worker.sent += 1
             worker.direct = task
@@ -1333,6 +1371,12 @@ class Pool(concurrent.futures.Executor):
                 finished = self._finish_direct(worker, task, frame)
                 if finished:
                     break
+                if frame[0][0] == proto.READY:
+                    # The worker got this task while it started (`_send_early`): its
+                    # READY comes first, for the loop; the reply follows.
+                    self._post(self._on_message, worker, frame[0], frame[1])
+                    frame = None
+                    continue
                 # Not this task's reply (a cancelled task's late result, say): the
                 # loop drops it, and reads this worker from now on.
                 self._post(self._on_message, worker, frame[0], frame[1])
@@ -1378,6 +1422,11 @@ class Pool(concurrent.futures.Executor):
           reply the worker owes comes before SYNCED, so a task still unsettled then
           lost its reply (`_on_synced`).
         """
+        if frame is not None and frame[0][0] == proto.READY:
+            # Read ahead of the reply (`_send_early`); maybe passed on already, which
+            # `_on_ready` tells.
+            self._on_message(worker, frame[0], frame[1])
+            frame = None
         with self._idle_lock:
             attached = worker.direct is task
             if attached:
@@ -1794,7 +1843,12 @@ class Pool(concurrent.futures.Executor):
         for worker in list(self._workers.values()):
             if worker.state == _READY and not worker.inflight and worker.direct is None:
                 self._retire(worker)
-            elif worker.state == _STARTING and worker.handle is not None:
+            elif (
+                worker.state == _STARTING
+                and worker.handle is not None
+                and not worker.inflight
+                and worker.direct is None
+            ):
                 worker.handle.stop()
         if self._workers:
             return
@@ -1940,7 +1994,7 @@ class Pool(concurrent.futures.Executor):
             task.future = future
             if self._on_loop_thread():
                 self._enqueue(task)
-            else:
+            elif not (self._loop is None and self._bind(first=task)):
                 self._ensure_loop()
                 if not self._send_direct(task):
                     handed = True

@@ -10,13 +10,22 @@ import contextlib
 import os
 import signal
 import socket
+from typing import Any
 
 from allcores._system import die_with_parent, release_forkserver
 from allcores.ipc.channel import Channel
 from allcores.pool._protocol import serve
 
 
-def main(sock: socket.socket, nice: int, close_fds: list[int], parent_pid: int | None) -> None:
+def main(
+    sock: socket.socket,
+    nice: int,
+    close_fds: list[int],
+    parent_pid: int | None,
+    setup: dict[str, Any] | None,
+) -> None:
+    """Serve the pool over *sock*; *setup* is given to a forked worker, else it
+    comes as the first frame."""
     own = sock.fileno()
     for fd in close_fds:
         # Forked children inherit the parent's ends of other workers' channels;
@@ -35,6 +44,6 @@ def main(sock: socket.socket, nice: int, close_fds: list[int], parent_pid: int |
             os.nice(nice)
     channel = Channel(sock, raw=True)
     try:
-        serve(channel)
+        serve(channel, setup)
     finally:
         channel.close()

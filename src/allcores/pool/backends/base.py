@@ -22,6 +22,7 @@ import abc
 import asyncio
 import dataclasses
 from collections.abc import Callable, Sequence
+from typing import Any
 
 __all__ = ["Backend", "BackendWorker", "Capabilities", "WorkerExit"]
 
@@ -126,8 +127,12 @@ class Backend(abc.ABC):
     capabilities: Capabilities
 
     @abc.abstractmethod
-    def start_worker(self, worker_id: int, setup: bytes, setup_fds: Sequence[int]) -> BackendWorker:
-        """Start a worker and hand it its SETUP frame. May block briefly."""
+    def start_worker(self, worker_id: int, setup: dict[str, Any]) -> BackendWorker:
+        """Start a worker and hand it *setup*, what `_protocol.serve` reads first.
+
+        A worker that starts as a copy of this process (fork) may find it in memory;
+        others get it as a SETUP frame (`_protocol.pack_setup`). May block briefly.
+        """
 
     def start_is_slow(self) -> bool:
         """True when `start_worker` may block for long (the pool then calls it in a thread)."""
