@@ -32,6 +32,7 @@ What is process-specific (start method, kill, exit codes, nice) lives in
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import atexit
 import collections
@@ -331,6 +332,14 @@ def _new_event_loop() -> asyncio.AbstractEventLoop:
         return asyncio.new_event_loop()
 
 
+def _in_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 _DONE_STATES = frozenset(("CANCELLED", "CANCELLED_AND_NOTIFIED", "FINISHED"))
 
 
@@ -391,19 +400,62 @@ def _running_frames() -> set[Any]:
     return running
 
 
-def _join_os_thread(thread: threading.Thread) -> None:
-    """Join *thread* and wait until the OS has removed it too.
+class _LoopThread:
+    """The thread that runs a pool's own event loop, started without waiting for it.
 
-    `Thread.join` returns a moment before the kernel thread is gone; a pool created
-    right after would still count two threads and start its workers by forkserver
-    (60 ms) instead of fork. The wait is bounded (50 ms) and usually a few µs.
+    `threading.Thread.start` returns only once the new thread has run; on the first
+    submit, with freshly forked workers on every core, that wait is ~1 ms, and the
+    first round trip needs no loop (`Pool._send_early`). `_thread` starts it and
+    goes on; the loop runs what was queued for it once the thread is scheduled.
     """
-    native_id = thread.native_id
-    thread.join()
-    path = f"/proc/self/task/{native_id}"
-    deadline = time.monotonic() + 0.05
-    while native_id is not None and os.path.exists(path) and time.monotonic() < deadline:
-        time.sleep(0.0002)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, pool: Pool) -> None:
+        self._loop = loop
+        self._pool = weakref.ref(pool)
+        self._started = False
+        self._done = threading.Event()
+        self._native_id: int | None = None
+
+    def start(self) -> None:
+        _thread.start_new_thread(self._run, ())
+        self._started = True
+
+    def _run(self) -> None:
+        try:
+            self._native_id = threading.get_native_id()
+            pool = self._pool()
+            if pool is not None:
+                pool._loop_thread_id = threading.get_ident()
+            del pool
+            # No asyncio.set_event_loop: code the loop runs finds it as the running
+            # loop, and the policy's set_event_loop may call threading.current_thread(),
+            # which in a thread `threading` did not start makes a _DummyThread that is
+            # never removed (before 3.13).
+            try:
+                self._loop.run_forever()
+            finally:
+                self._loop.close()
+        finally:
+            self._done.set()
+
+    def is_alive(self) -> bool:
+        return self._started and not self._done.is_set()
+
+    def join(self) -> None:
+        """Wait until the thread has ended, and the OS has removed it too.
+
+        The thread's last step comes a moment before the kernel thread is gone; a
+        pool created right after would still count two threads and start its workers
+        by forkserver (60 ms) instead of fork. That wait is bounded (50 ms) and
+        usually a few µs.
+        """
+        if not self._started:
+            return
+        self._done.wait()
+        path = f"/proc/self/task/{self._native_id}"
+        deadline = time.monotonic() + 0.05
+        while self._native_id is not None and os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.0002)
 
 
 _LIVE_POOLS: weakref.WeakSet[Pool] = weakref.WeakSet()
@@ -491,7 +543,7 @@ class Pool(concurrent.futures.Executor):
 
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread_id: int | None = None
-        self._private_thread: threading.Thread | None = None
+        self._private_thread: _LoopThread | None = None
         self._bind_lock = threading.Lock()
         self._count_lock = threading.Lock()
         self._task_ids = itertools.count(1)
@@ -547,6 +599,13 @@ class Pool(concurrent.futures.Executor):
         self._counts = collections.Counter[str]()
         self._created = time.monotonic()
 
+        # The loop a pool made outside any event loop will run: built now, before the
+        # first fork, it costs a third of what it does after (~0.2 vs ~0.6 ms, as every
+        # page the parent writes after a fork is copied), on the way to the first
+        # result (`_bind`).
+        self._spare_loop: asyncio.AbstractEventLoop | None = None
+        if settings.min_workers and not self._backend.start_is_slow() and not _in_event_loop():
+            self._spare_loop = _new_event_loop()
         _LIVE_POOLS.add(self)
         for _ in range(settings.min_workers):
             self._spawn()
@@ -586,7 +645,10 @@ class Pool(concurrent.futures.Executor):
                 running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
             except RuntimeError:
                 running = None
+            spare, self._spare_loop = self._spare_loop, None
             if running is not None:
+                if spare is not None:
+                    spare.close()
                 self._loop = running
                 self._loop_thread_id = threading.get_ident()
                 self._attach_all()
@@ -594,20 +656,11 @@ class Pool(concurrent.futures.Executor):
             # The loop is built and given the workers' channels here, before its
             # thread runs it: callbacks queued meanwhile (call_soon_threadsafe) wait in
             # it, and nothing reads a worker that `_send_early` takes.
-            loop = _new_event_loop()
+            loop = spare or _new_event_loop()
             self._loop = loop
             self._attach_all()
             sent = first is not None and self._send_early(first)
-
-            def run() -> None:
-                self._loop_thread_id = threading.get_ident()
-                asyncio.set_event_loop(loop)
-                try:
-                    loop.run_forever()
-                finally:
-                    loop.close()
-
-            thread = threading.Thread(target=run, name="allcores-pool-loop", daemon=True)
+            thread = _LoopThread(loop, self)
             self._private_thread = thread
             thread.start()
             return sent
@@ -1868,6 +1921,9 @@ class Pool(concurrent.futures.Executor):
         self._backend.close()
         if self._owns_scoreboard:
             self._scoreboard.close()
+        spare, self._spare_loop = self._spare_loop, None
+        if spare is not None:
+            spare.close()  # never used: the pool ended before its first task
         _LIVE_POOLS.discard(self)
         self._closed.set()
         self._wake(self._closed_waiters, None)
@@ -1938,7 +1994,7 @@ class Pool(concurrent.futures.Executor):
         if wait:
             self._closed.wait()
             if self._private_thread is not None:
-                _join_os_thread(self._private_thread)
+                self._private_thread.join()
 
     async def aclose(self, *, cancel_futures: bool = False) -> None:
         """Shut down and wait for every worker to exit, without blocking the loop."""
@@ -1957,9 +2013,7 @@ class Pool(concurrent.futures.Executor):
         self._call(start)
         await asyncio.wrap_future(done)
         if self._private_thread is not None:
-            await asyncio.get_running_loop().run_in_executor(
-                None, _join_os_thread, self._private_thread
-            )
+            await asyncio.get_running_loop().run_in_executor(None, self._private_thread.join)
 
     # ── public API: Executor ───────────────────────────────────────────────────
 
