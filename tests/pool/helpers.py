@@ -114,3 +114,26 @@ def sha256(data: bytes) -> str:
 def reverse(data: bytes) -> bytes:
     """A new large result, which travels back through a memfd."""
     return data[::-1]
+
+
+def exit_in_init() -> None:
+    """An initializer that kills its worker before READY."""
+    os._exit(5)
+
+
+def identity_in_worker() -> dict[str, Any]:
+    """What a task sees of its process: multiprocessing's view, and stdin."""
+    import multiprocessing
+
+    parent = multiprocessing.parent_process()
+    try:
+        line: str | None = input()
+    except EOFError:
+        line = None
+    return {
+        "name": multiprocessing.current_process().name,
+        "pid": multiprocessing.current_process().pid,
+        "parent_pid": None if parent is None else parent.pid,
+        "stdin_line": line,
+        "fd0": os.readlink("/proc/self/fd/0"),
+    }

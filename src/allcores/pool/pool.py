@@ -127,6 +127,11 @@ DIRECT_MAX_PAYLOAD = 32 * 1024
 # when the pool's tasks typically run under SPIN_TASK_TIME (`Pool._spin_for_reply`).
 SPIN_SECONDS = 50e-6
 SPIN_TASK_TIME = 50e-6
+# While a pool's first task makes its round trip without the loop (`Pool._send_early`),
+# the loop's new thread waits for it to end, at most this long, instead of taking a
+# core and the GIL from it: ~0.3 ms of a ~6 ms start. Anything else that needs the
+# loop meanwhile (another submit, shutdown) lets it go at once (`Pool._ensure_loop`).
+EARLY_GATE = 0.005
 # A direct task whose caller does not wait on it by `result()` (a done callback,
 # `as_completed`, or nobody) is taken over by the loop after this long.
 DIRECT_GRACE = 0.002
@@ -409,9 +414,12 @@ class _LoopThread:
     goes on; the loop runs what was queued for it once the thread is scheduled.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, pool: Pool) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, pool: Pool, gate: threading.Event | None
+    ) -> None:
         self._loop = loop
         self._pool = weakref.ref(pool)
+        self._gate = gate
         self._started = False
         self._done = threading.Event()
         self._native_id: int | None = None
@@ -422,6 +430,9 @@ class _LoopThread:
 
     def _run(self) -> None:
         try:
+            if self._gate is not None:
+                self._gate.wait(EARLY_GATE)
+                self._gate = None
             self._native_id = threading.get_native_id()
             pool = self._pool()
             if pool is not None:
@@ -544,6 +555,7 @@ class Pool(concurrent.futures.Executor):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread_id: int | None = None
         self._private_thread: _LoopThread | None = None
+        self._gate: threading.Event | None = None  # see EARLY_GATE
         self._bind_lock = threading.Lock()
         self._count_lock = threading.Lock()
         self._task_ids = itertools.count(1)
@@ -618,6 +630,8 @@ class Pool(concurrent.futures.Executor):
             self._bind()
             loop = self._loop
             assert loop is not None
+        if self._gate is not None:
+            self._open_gate()
         if loop.is_closed():
             self._terminate(
                 PoolClosedError(
@@ -660,10 +674,27 @@ class Pool(concurrent.futures.Executor):
             self._loop = loop
             self._attach_all()
             sent = first is not None and self._send_early(first)
-            thread = _LoopThread(loop, self)
+            if sent:
+                self._gate = threading.Event()
+            thread = _LoopThread(loop, self, self._gate)
             self._private_thread = thread
             thread.start()
             return sent
+
+    def _open_gate(self) -> None:
+        """Let the loop's thread run now (see EARLY_GATE)."""
+        gate, self._gate = self._gate, None
+        if gate is not None:
+            gate.set()
+
+    def _post_quietly(self, fn: Callable[..., None], *args: Any) -> None:
+        """`_post` from the first round trip, which leaves the loop's thread waiting."""
+        loop = self._loop
+        if self._gate is None or loop is None:
+            self._post(fn, *args)
+            return
+        with contextlib.suppress(RuntimeError):  # closed meanwhile: nothing to do
+            loop.call_soon_threadsafe(fn, *args)
 
     def _attach_all(self) -> None:
         for worker in list(self._workers.values()):
@@ -1427,7 +1458,7 @@ class Pool(concurrent.futures.Executor):
                 if frame[0][0] == proto.READY:
                     # The worker got this task while it started (`_send_early`): its
                     # READY comes first, for the loop; the reply follows.
-                    self._post(self._on_message, worker, frame[0], frame[1])
+                    self._post_quietly(self._on_message, worker, frame[0], frame[1])
                     frame = None
                     continue
                 # Not this task's reply (a cancelled task's late result, say): the
@@ -1455,6 +1486,8 @@ class Pool(concurrent.futures.Executor):
                 # sweep, or a dispatch to the worker once idle again) is kept by the
                 # claim and honoured here.
                 handle.release_reading(resume=to_loop and not interrupted, token=sys._getframe())
+                if self._gate is not None:
+                    self._open_gate()  # the first round trip is over
         return None if deadline is None else max(0.0, deadline - time.monotonic())
 
     def _direct_interrupted(
@@ -1991,6 +2024,7 @@ class Pool(concurrent.futures.Executor):
         except RuntimeError:
             self._terminate()
             return
+        self._open_gate()
         if wait:
             self._closed.wait()
             if self._private_thread is not None:

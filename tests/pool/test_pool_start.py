@@ -1,0 +1,104 @@
+"""Start-up: the first task of a pool goes to a worker still starting, and forked
+workers start without multiprocessing.Process (`backends.process._ForkedProcess`)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from allcores.pool import InitializerError, Pool, WorkerCrashedError
+from tests.pool import helpers
+
+pytestmark = pytest.mark.usefixtures("no_leftovers")
+
+
+def test_the_first_task_goes_to_a_starting_worker_and_the_pool_goes_on() -> None:
+    with Pool(1) as pool:
+        assert pool.submit(helpers.add, 1).result(timeout=30) == 2
+        assert pool._direct_sent == 1  # sent before READY, read by this thread
+        # READY reached the loop: the worker takes the next tasks as any other.
+        assert [pool.submit(helpers.add, i).result(timeout=30) for i in range(5)] == [
+            1,
+            2,
+            3,
+            4,
+            5,
+        ]
+        stats = pool.stats()
+        assert stats.workers == 1 and stats.completed == 6
+
+
+def test_a_first_task_nobody_reads_completes() -> None:
+    """Waited on by `concurrent.futures.wait` (no result()): the loop takes it over."""
+    with Pool(1) as pool:
+        first = pool.submit(helpers.add, 41)
+        done, _ = concurrent.futures.wait([first], timeout=30)
+        assert done == {first}
+        assert first.result() == 42
+
+
+def test_a_first_task_with_a_done_callback_completes() -> None:
+    with Pool(1) as pool:
+        seen: list[int] = []
+        first = pool.submit(helpers.add, 1)
+        first.add_done_callback(lambda f: seen.append(f.result()))
+        concurrent.futures.wait([first], timeout=30)
+        assert first.result(timeout=30) == 2
+    assert seen == [2]
+
+
+def test_shutdown_right_after_the_first_submit_still_runs_it() -> None:
+    pool = Pool(1)
+    first = pool.submit(helpers.add, 1)
+    pool.shutdown(wait=True)
+    assert first.result(timeout=0) == 2
+
+
+def test_a_worker_crashing_in_the_first_task_fails_only_that_task() -> None:
+    with Pool(1) as pool:
+        with pytest.raises(WorkerCrashedError):
+            pool.submit(helpers.exit_hard, 7).result(timeout=30)
+        assert pool.submit(helpers.add, 1).result(timeout=30) == 2
+
+
+def test_a_worker_dying_in_its_initializer_stops_the_pool_and_its_first_task() -> None:
+    """It died before READY, so it never ran the task sent to it early: the task
+    fails with the pool's start error, not as a crash of its own."""
+    pool = Pool(1, initializer=helpers.exit_in_init)
+    try:
+        with pytest.raises(InitializerError, match="cannot start"):
+            pool.submit(helpers.add, 1).result(timeout=30)
+    finally:
+        pool.shutdown()
+
+
+def test_a_forked_worker_looks_like_a_multiprocessing_child() -> None:
+    with Pool(1, start_method="fork") as pool:
+        seen = pool.submit(helpers.identity_in_worker).result(timeout=30)
+        worker_pid = pool.worker_pids()[0]
+    assert seen["name"].startswith("allcores-pool-")
+    assert seen["pid"] == worker_pid
+    assert seen["parent_pid"] == os.getpid()
+    assert seen["stdin_line"] is None  # EOF: never the parent's terminal
+    assert seen["fd0"] == os.devnull
+
+
+def test_output_buffered_before_the_fork_is_written_once() -> None:
+    script = textwrap.dedent(
+        """
+        import sys
+        from allcores.pool import Pool
+        sys.stdout.write("before")  # buffered: stdout is a pipe
+        with Pool(1) as pool:
+            pool.submit(print, "").result(timeout=30)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.count("before") == 1
