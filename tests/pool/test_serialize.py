@@ -183,6 +183,21 @@ def test_a_worker_that_cannot_pull_turns_pulls_off_for_good() -> None:
         )
 
 
+def test_later_pools_trust_the_first_probe_that_succeeded() -> None:
+    """Once a worker of this process could pull, later pools pull from their first
+    task on, and their workers skip the probe."""
+    with Pool(1) as first:
+        first.submit(helpers.add, 1).result(timeout=30)
+    allowed = _pull.AVAILABLE and _pull.kernel_allows()
+    assert _pull.verified == allowed
+    with Pool(1) as later:
+        assert later._pull_ok == allowed  # before any READY came
+        data = os.urandom(1024 * 1024)
+        assert later.submit(helpers.sha256, data).result(timeout=60) == (
+            hashlib.sha256(data).hexdigest()
+        )
+
+
 def test_the_pull_probe_and_its_errors() -> None:
     here = b"allcores probe " * 8
     assert _pull.AVAILABLE

@@ -99,6 +99,10 @@ def pull_bytes(pid: int, address: int, size: int) -> bytes:
     return out
 
 
+# Set in a pool's process once one of its workers could pull (`probe`).
+verified = False
+
+
 def probe(pid: int, address: int, expected: bytes) -> bool:
     """Whether this process may pull from *pid*: reads *expected* back from there."""
     try:
