@@ -669,13 +669,24 @@ class Pool(concurrent.futures.Executor):
                 self._loop_thread_id = threading.get_ident()
                 self._attach_all()
                 return False
-            # The loop is built and given the workers' channels here, before its
-            # thread runs it: callbacks queued meanwhile (call_soon_threadsafe) wait in
-            # it, and nothing reads a worker that `_send_early` takes.
+            # The loop is given the workers' channels here, before its thread runs
+            # it: callbacks queued meanwhile (call_soon_threadsafe) wait in it, and
+            # nothing reads a worker that `_send_early` takes. That worker first, so
+            # that its task goes as soon as it can.
             loop = spare or _new_event_loop()
             self._loop = loop
-            self._attach_all()
-            sent = first is not None and self._send_early(first)
+            early = None
+            if first is not None:
+                early = next(
+                    (w for w in self._workers.values() if w.state == _STARTING and w.handle),
+                    None,
+                )
+            if early is not None:
+                self._attach(early)
+            sent = early is not None and first is not None and self._send_early(first, early)
+            for worker in list(self._workers.values()):
+                if worker.handle is not None and worker is not early:
+                    self._attach(worker)
             if sent:
                 self._gate = threading.Event()
             thread = _LoopThread(loop, self, self._gate)
@@ -1302,22 +1313,20 @@ class Pool(concurrent.futures.Executor):
 
     # ── direct round trips (a thread other than the loop's submits and waits) ──
 
-    def _send_early(self, task: _Task) -> bool:
-        """Send the pool's first task to a worker that is still starting (`_bind`).
+    def _send_early(self, task: _Task, worker: _Worker) -> bool:
+        """Send the pool's first task to *worker*, still starting (`_bind`).
 
         Only before the loop runs: nothing reads the worker's socket yet, so pausing
         it hands the socket to the caller, as for an idle worker. The worker reads
         the task after SETUP; its READY comes ahead of the reply, and the thread that
         reads the reply passes it on to the loop (`_wait_direct`).
         """
-        for worker in self._workers.values():
-            handle = worker.handle
-            if worker.state == _STARTING and handle is not None:
-                handle.pause_reading()
-                if self._send_direct(task, early=worker):
-                    return True
-                handle.resume_reading()  # the loop reads its READY after all
-                return False
+        handle = worker.handle
+        assert handle is not None
+        handle.pause_reading()
+        if self._send_direct(task, early=worker):
+            return True
+        handle.resume_reading()  # the loop reads its READY after all
         return False
 
     def _send_direct(self, task: _Task, early: _Worker | None = None) -> bool:
