@@ -4,6 +4,7 @@ workers start without multiprocessing.Process (`backends.process._ForkedProcess`
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import subprocess
 import sys
@@ -78,12 +79,29 @@ def test_a_worker_dying_in_its_initializer_stops_the_pool_and_its_first_task() -
 
 
 def test_a_forked_worker_looks_like_a_multiprocessing_child() -> None:
-    with Pool(1, start_method="fork") as pool:
-        seen = pool.submit(helpers.identity_in_worker).result(timeout=30)
-        worker_pid = pool.worker_pids()[0]
+    # In a fresh process: this one may have threads by now, and then the pool would
+    # start its workers by forkserver.
+    script = textwrap.dedent(
+        """
+        import json, os
+        from allcores.pool import Pool
+        from tests.pool import helpers
+        with Pool(1) as pool:
+            seen = pool.submit(helpers.identity_in_worker).result(timeout=30)
+            seen["worker_pid"] = pool.worker_pids()[0]
+            seen["method"] = pool._backend.last_start_method
+        seen["parent"] = os.getpid()
+        print(json.dumps(seen))
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    seen = json.loads(out.stdout)
+    assert seen["method"] == "fork"
     assert seen["name"].startswith("allcores-pool-")
-    assert seen["pid"] == worker_pid
-    assert seen["parent_pid"] == os.getpid()
+    assert seen["pid"] == seen["worker_pid"]
+    assert seen["parent_pid"] == seen["parent"]
     assert seen["stdin_line"] is None  # EOF: never the parent's terminal
     assert seen["fd0"] == os.devnull
 
