@@ -1,6 +1,8 @@
 """Ctrl-C at each point of a direct round trip in turn (a subprocess).
 
-Run by ``test_pool_direct.py`` as ``python -m tests.pool.cut_sweep WORKERS MAX_TASKS``.
+Run by ``test_pool_direct.py`` as ``python -m tests.pool.cut_sweep WORKERS MAX_TASKS
+[first]``; with ``first``, each cut falls in the first round trip of a new pool, which
+starts the pool's loop and goes to a worker still starting (`Pool._send_early`).
 Where `interrupt_fuzz` fires at random moments, this walks the moments: for k = 1,
 2, ... it raises a BaseException (as Ctrl-C raises KeyboardInterrupt) at the k-th
 point of ``pool.submit(fn).result()`` where CPython runs signal handlers (a function
@@ -94,7 +96,7 @@ def _shuts_down(pool: Pool) -> bool:
     return not closer.is_alive()
 
 
-def main(workers: int, max_tasks: int) -> int:
+def main(workers: int, max_tasks: int, first: bool) -> int:
     settings: dict[str, Any] = {"max_tasks_per_child": max_tasks} if max_tasks else {}
     pool = Pool(workers, **settings)
     for _ in range(5):
@@ -102,7 +104,12 @@ def main(workers: int, max_tasks: int) -> int:
     lost = 0
     cuts = 0
     misses = 0
-    for k in range(1, 600):
+    for k in range(1, 1500):
+        if first:
+            if not _shuts_down(pool):
+                print(f"FAILED: shutdown hung after a cut at point {k - 1}")
+                return 1
+            pool = Pool(workers, **settings)
         cutter = Cutter(k)
         future = None
         sys.settrace(cutter.trace)
@@ -149,4 +156,4 @@ def main(workers: int, max_tasks: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(int(sys.argv[1]), int(sys.argv[2])))
+    sys.exit(main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:] == ["first"]))

@@ -296,6 +296,7 @@ class _Task:
 
 class _Worker:
     __slots__ = (
+        "attached",
         "direct",
         "handle",
         "id",
@@ -313,6 +314,7 @@ class _Worker:
         self.id = worker_id
         self.row = row
         self.handle: BackendWorker | None = None
+        self.attached = False  # the loop has its channel (`Pool._attach`)
         # A task another thread sent to this worker (`Pool._send_direct`), until the
         # caller reads its reply or the loop adopts it into `inflight`.
         self.direct: _Task | None = None
@@ -415,7 +417,7 @@ class _LoopThread:
     """
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, pool: Pool, gate: threading.Event | None
+        self, loop: asyncio.AbstractEventLoop, pool: Pool, gate: _thread.LockType | None
     ) -> None:
         self._loop = loop
         self._pool = weakref.ref(pool)
@@ -425,13 +427,22 @@ class _LoopThread:
         self._native_id: int | None = None
 
     def start(self) -> None:
-        _thread.start_new_thread(self._run, ())
+        """Start the thread, once (`Pool._bind` may call again after a Ctrl-C)."""
+        if self._started:
+            return
+        # Set first: a Ctrl-C cannot fall between it and the C call (a signal handler
+        # runs only at calls and jumps), nor inside it.
         self._started = True
+        try:
+            _thread.start_new_thread(self._run, ())
+        except Exception:  # it did not start; not a Ctrl-C after it did
+            self._started = False
+            raise
 
     def _run(self) -> None:
         try:
             if self._gate is not None:
-                self._gate.wait(EARLY_GATE)
+                self._gate.acquire(timeout=EARLY_GATE)
                 self._gate = None
             self._native_id = threading.get_native_id()
             pool = self._pool()
@@ -553,9 +564,13 @@ class Pool(concurrent.futures.Executor):
         self._free_rows = rows[::-1]
 
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._bound = False  # `_bind` has run to its end
         self._loop_thread_id: int | None = None
         self._private_thread: _LoopThread | None = None
-        self._gate: threading.Event | None = None  # see EARLY_GATE
+        # See EARLY_GATE: held while the first round trip runs, released to open. A
+        # bare lock, not an Event: a Ctrl-C in Event.set can leave the Event's own
+        # lock taken, and its waiter (the loop's thread) blocked for good.
+        self._gate: _thread.LockType | None = None
         self._bind_lock = threading.Lock()
         self._count_lock = threading.Lock()
         self._task_ids = itertools.count(1)
@@ -627,11 +642,10 @@ class Pool(concurrent.futures.Executor):
     # ── binding ────────────────────────────────────────────────────────────────
 
     def _ensure_loop(self) -> asyncio.AbstractEventLoop:
-        loop = self._loop
-        if loop is None:
+        if not self._bound:
             self._bind()
-            loop = self._loop
-            assert loop is not None
+        loop = self._loop
+        assert loop is not None
         if self._gate is not None:
             self._open_gate()
         if loop.is_closed():
@@ -653,57 +667,68 @@ class Pool(concurrent.futures.Executor):
         the reply itself (`_wait_direct`): the first result then waits neither for the
         loop's thread to be scheduled (~1-2 ms while freshly forked workers hold both
         cores) nor for a READY round trip through it. True when *first* went so.
+
+        A Ctrl-C may cut this anywhere: the next call (`_ensure_loop`, `shutdown`)
+        finishes what it left, since every step can be taken again.
         """
         with self._bind_lock:
-            if self._loop is not None:
+            if self._bound:
                 return False
-            try:
-                running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-            except RuntimeError:
-                running = None
-            spare, self._spare_loop = self._spare_loop, None
-            if running is not None:
-                if spare is not None:
-                    spare.close()
-                self._loop = running
-                self._loop_thread_id = threading.get_ident()
-                self._attach_all()
-                return False
-            # The loop is given the workers' channels here, before its thread runs
-            # it: callbacks queued meanwhile (call_soon_threadsafe) wait in it, and
-            # nothing reads a worker that `_send_early` takes. That worker first, so
-            # that its task goes as soon as it can.
-            loop = spare or _new_event_loop()
-            self._loop = loop
-            early = None
-            if first is not None:
-                early = next(
-                    (w for w in self._workers.values() if w.state == _STARTING and w.handle),
-                    None,
-                )
-            if early is not None:
-                self._attach(early)
-            sent = early is not None and first is not None and self._send_early(first, early)
-            for worker in list(self._workers.values()):
-                if worker.handle is not None and worker is not early:
-                    self._attach(worker)
-            if sent:
-                self._gate = threading.Event()
-            thread = _LoopThread(loop, self, self._gate)
-            self._private_thread = thread
-            thread.start()
-            return sent
+            loop = self._loop
+            if loop is None:
+                try:
+                    running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+                except RuntimeError:
+                    running = None
+                spare, self._spare_loop = self._spare_loop, None
+                if running is not None:
+                    if spare is not None:
+                        spare.close()
+                    self._loop_thread_id = threading.get_ident()
+                    self._loop = running
+                    self._attach_all()
+                    self._bound = True
+                    return False
+                loop = spare or _new_event_loop()
+                self._loop = loop
+            # The loop is given the workers' channels before its thread runs it:
+            # callbacks queued meanwhile (call_soon_threadsafe) wait in it, and nothing
+            # reads a worker that `_send_early` takes. That worker first, so that its
+            # task goes as soon as it can.
+            sent_to = None
+            if first is not None and self._private_thread is None:
+                for worker in self._workers.values():
+                    if worker.state == _STARTING and worker.handle and worker.direct is None:
+                        self._attach(worker)
+                        if self._send_early(first, worker):
+                            sent_to = worker
+                            gate = _thread.allocate_lock()
+                            gate.acquire()
+                            self._gate = gate
+                        break
+            self._attach_all()
+            for worker in self._workers.values():
+                # A starting worker is read by the loop, but the one the first task
+                # went to (a cut `_send_early` may have paused one for nothing).
+                if worker.state == _STARTING and worker.direct is None and worker.handle:
+                    worker.handle.resume_reading()
+            if self._private_thread is None:
+                self._private_thread = _LoopThread(loop, self, self._gate)
+            self._private_thread.start()
+            self._bound = True
+            return sent_to is not None
 
     def _open_gate(self) -> None:
         """Let the loop's thread run now (see EARLY_GATE)."""
         gate, self._gate = self._gate, None
         if gate is not None:
-            gate.set()
+            gate.release()
 
     def _post_quietly(self, fn: Callable[..., None], *args: Any) -> None:
-        """`_post` from the first round trip, which leaves the loop's thread waiting."""
+        """`_post` from the first round trip, which leaves the loop's thread waiting,
+        and from `_bind` itself (under its lock: `_post` would bind again)."""
         loop = self._loop
-        if self._gate is None or loop is None:
+        if loop is None or (self._gate is None and self._bound):
             self._post(fn, *args)
             return
         with contextlib.suppress(RuntimeError):  # closed meanwhile: nothing to do
@@ -711,7 +736,7 @@ class Pool(concurrent.futures.Executor):
 
     def _attach_all(self) -> None:
         for worker in list(self._workers.values()):
-            if worker.handle is not None:
+            if worker.handle is not None and not worker.attached:
                 self._attach(worker)
 
     def _attach(self, worker: _Worker) -> None:
@@ -721,6 +746,7 @@ class Pool(concurrent.futures.Executor):
             lambda payload, fds: self._on_message(worker, payload, fds),
             lambda exit_: self._on_worker_exit(worker, exit_),
         )
+        worker.attached = True
 
     def _on_loop_thread(self) -> bool:
         return self._loop_thread_id == threading.get_ident()
@@ -1321,13 +1347,9 @@ class Pool(concurrent.futures.Executor):
         the task after SETUP; its READY comes ahead of the reply, and the thread that
         reads the reply passes it on to the loop (`_wait_direct`).
         """
-        handle = worker.handle
-        assert handle is not None
-        handle.pause_reading()
-        if self._send_direct(task, early=worker):
-            return True
-        handle.resume_reading()  # the loop reads its READY after all
-        return False
+        assert worker.handle is not None
+        worker.handle.pause_reading()  # `_bind` resumes it if the task does not go
+        return self._send_direct(task, early=worker)
 
     def _send_direct(self, task: _Task, early: _Worker | None = None) -> bool:
         """Send *task* from the submitting thread to an idle worker (or to *early*, a
@@ -1354,7 +1376,7 @@ class Pool(concurrent.futures.Executor):
             # (`_direct_interrupted`): it runs, or is asked for, before anything is
             # taken. Asked again if it seems to have stopped (a cut kick).
             if not self._sweeping or now - self._swept_at > SWEEP_STALE:
-                self._post(self._kick_sweep)
+                self._post_quietly(self._kick_sweep)
                 self._sweeping = True
             with self._count_lock:
                 if self._queued != 1:  # 1: this task's own reservation
@@ -1387,7 +1409,7 @@ class Pool(concurrent.futures.Executor):
         if handle is not None and handle.send_from_thread(packed.payload, packed.fds):
             task.sender = None
             if wake_waiters:
-                self._post(self._queue_shrank)
+                self._post_quietly(self._queue_shrank)
             return True
         # Nothing went (the worker died, or its channel is closing): unless the loop
         # has already settled the task (it saw the worker end), the loop sends it.
@@ -2026,6 +2048,8 @@ class Pool(concurrent.futures.Executor):
             # Never used: the workers hold no task.
             self._terminate()
             return
+        if not self._bound:
+            self._bind()  # a Ctrl-C cut it short: its loop must run to shut down
         if loop.is_closed():
             self._terminate()
             return
@@ -2095,7 +2119,7 @@ class Pool(concurrent.futures.Executor):
             task.future = future
             if self._on_loop_thread():
                 self._enqueue(task)
-            elif not (self._loop is None and self._bind(first=task)):
+            elif not (not self._bound and self._bind(first=task)):
                 self._ensure_loop()
                 if not self._send_direct(task):
                     handed = True

@@ -249,9 +249,12 @@ class ProcessWorker(BackendWorker):
     ) -> None:
         self._loop = loop
         self._on_exit = on_exit
-        self._channel = AsyncChannel(
-            self.sock, on_message, self._on_channel_closed, loop=loop, raw=True
-        )
+        # Again after a Ctrl-C cut the first call short: the channel is kept, and
+        # add_reader replaces a reader already there.
+        if self._channel is None:
+            self._channel = AsyncChannel(
+                self.sock, on_message, self._on_channel_closed, loop=loop, raw=True
+            )
         loop.add_reader(self._exit_fd(), self._on_sentinel)
 
     def send(self, payload: bytes | bytearray | memoryview, fds: Sequence[int] = ()) -> None:
