@@ -67,15 +67,55 @@ def test_a_worker_crashing_in_the_first_task_fails_only_that_task() -> None:
         assert pool.submit(helpers.add, 1).result(timeout=30) == 2
 
 
-def test_a_worker_dying_in_its_initializer_stops_the_pool_and_its_first_task() -> None:
+def test_a_worker_dying_before_ready_never_ran_its_early_task() -> None:
     """It died before READY, so it never ran the task sent to it early: the task
-    fails with the pool's start error, not as a crash of its own."""
+    waits for the next worker, and since no worker ever started, the pool stops
+    with its start error rather than a crash of the task's own. In a fresh process
+    whose workers die in `_setup` (before READY, with no initializer)."""
+    script = textwrap.dedent(
+        """
+        import os
+        from allcores.pool import InitializerError, Pool, _protocol
+        from tests.pool import helpers
+        _protocol._setup = lambda endpoint, setup: os._exit(3)  # the workers inherit it
+        pool = Pool(1)
+        try:
+            pool.submit(helpers.add, 1).result(timeout=30)
+        except InitializerError as exc:
+            print("InitializerError", pool._direct_sent, exc)
+        finally:
+            pool.shutdown()
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.startswith("InitializerError 1 "), out.stdout + out.stderr
+    assert "cannot start" in out.stdout
+
+
+def test_with_an_initializer_the_first_task_waits_for_a_ready_worker() -> None:
+    """An initializer may be slow: the first task goes to whichever worker is
+    READY first, not early to one of them."""
+    with Pool(2, initializer=helpers.init_state, initargs=("ready",)) as pool:
+        assert pool.submit(helpers.read_state).result(timeout=30) == "ready"
+        assert pool._direct_sent == 0
+
+
+def test_a_worker_dying_in_its_initializer_stops_the_pool() -> None:
     pool = Pool(1, initializer=helpers.exit_in_init)
     try:
         with pytest.raises(InitializerError, match="cannot start"):
             pool.submit(helpers.add, 1).result(timeout=30)
     finally:
         pool.shutdown()
+
+
+def test_max_tasks_per_child_counts_the_first_task() -> None:
+    """READY of a worker whose first (early) task was its last retires it."""
+    with Pool(1, max_tasks_per_child=1) as pool:
+        pids = [pool.submit(helpers.pid).result(timeout=30) for _ in range(4)]
+    assert len(set(pids)) == 4
 
 
 def test_a_forked_worker_looks_like_a_multiprocessing_child() -> None:

@@ -196,6 +196,11 @@ def test_later_pools_trust_the_first_probe_that_succeeded() -> None:
         assert later.submit(helpers.sha256, data).result(timeout=60) == (
             hashlib.sha256(data).hexdigest()
         )
+    # An initializer may take the right away (setuid): its workers probe after it.
+    with Pool(1, initializer=helpers.init_state, initargs=(1,)) as initialized:
+        assert not initialized._pull_ok
+        initialized.submit(helpers.add, 1).result(timeout=30)
+        assert initialized._pull_ok == allowed
 
 
 def test_the_pull_probe_and_its_errors() -> None:

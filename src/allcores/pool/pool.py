@@ -603,8 +603,10 @@ class Pool(concurrent.futures.Executor):
         # this probe from here (in any pool of this process: then the workers of
         # later pools are spared the probe, ~0.1 ms of their start), off for good
         # in this pool once one could not.
+        # Not with an initializer: the probe runs after it, which may take the right
+        # away (setuid, a seccomp filter).
         self._pull_never = not (_pull.AVAILABLE and _pull.kernel_allows())
-        self._pull_ok = _pull.verified and not self._pull_never
+        self._pull_ok = _pull.verified and not self._pull_never and initializer is None
         self._pull_probe = os.urandom(64)
         self._sync_tokens = itertools.count(1)
         self._direct_sent = 0  # tasks that went by `_send_direct` (for tests and tuning)
@@ -696,7 +698,13 @@ class Pool(concurrent.futures.Executor):
             # reads a worker that `_send_early` takes. That worker first, so that its
             # task goes as soon as it can.
             sent_to = None
-            if first is not None and self._private_thread is None:
+            # Not with an initializer: it may take long, and the first task would
+            # wait for this worker's even if another's ends first.
+            if (
+                first is not None
+                and self._private_thread is None
+                and self._initializer_blob is None
+            ):
                 for worker in self._workers.values():
                     if worker.state == _STARTING and worker.handle and worker.direct is None:
                         self._attach(worker)
@@ -1001,9 +1009,9 @@ class Pool(concurrent.futures.Executor):
             # (`_send_early`) re-lists the worker itself if it is READY by then.
             worker.state = _READY
             busy = worker.direct is not None or bool(worker.inflight)
-        worker.idle_since = time.monotonic()
         if not busy:
-            self._make_idle(worker)
+            # Idle, unless a task sent before READY took its last one (max_tasks_per_child).
+            self._release_worker(worker)
         if self._ready_waiters and not any(w.state == _STARTING for w in self._workers.values()):
             self._wake(self._ready_waiters, None)
         self._pump()

@@ -21,6 +21,7 @@ held. ``start_method=`` (or ``mp_context=``) forces one.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import functools
 import io
@@ -119,7 +120,12 @@ class _ForkedProcess:
         identity = multiprocessing.context.ForkProcess(name=self.name)
         _mp_util._flush_std_streams()  # or buffered output is written twice
         readable, writable = os.pipe()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except BaseException:
+            os.close(readable)
+            os.close(writable)
+            raise
         if pid == 0:  # pragma: no cover - the child; covered by every pool test
             code = 1
             try:
@@ -132,9 +138,13 @@ class _ForkedProcess:
             except BaseException:
                 traceback.print_exc()
             finally:
+                # As multiprocessing's bootstrap ends: finalizers, then non-daemon
+                # threads a task left, then the std streams.
                 with contextlib.suppress(BaseException):
-                    threading._shutdown()  # type: ignore[attr-defined]  # non-daemon threads
                     _mp_util._exit_function()
+                with contextlib.suppress(BaseException):
+                    threading._shutdown()  # type: ignore[attr-defined]
+                with contextlib.suppress(BaseException):
                     _mp_util._flush_std_streams()
                 os._exit(code)
         os.close(writable)
@@ -167,9 +177,11 @@ def _devnull_stdin() -> io.TextIOWrapper | None:
     never the parent's terminal (as multiprocessing does, without its ~0.25 ms
     per child of opening a new text file)."""
     try:
-        return open(os.devnull, encoding="utf-8")
+        stdin = open(os.devnull, encoding="utf-8")  # noqa: SIM115 - kept until exit
     except OSError:
         return None
+    atexit.register(stdin.close)
+    return stdin
 
 
 @functools.cache
@@ -207,6 +219,7 @@ def _become_child(
             os.dup2(stdin.fileno(), 0)  # C code reading fd 0 sees EOF too
     process_module: Any = multiprocessing.process
     process_module._children = set()
+    process_module._process_counter = itertools.count(1)
     process_module._current_process = identity
     if parent is not None:
         process_module._parent_process = parent
