@@ -13,7 +13,8 @@ or with ``kernel.yama.ptrace_scope`` 0, a process may read another of the same u
 with Yama's default of 1 (Ubuntu, Debian) only an ancestor may, and a worker is a
 descendant, so the pool then keeps to the memfd. Each worker also tries a read at
 start (`probe`) and reports it; a pool uses pulls only once a worker has succeeded,
-and never again after one fails (a seccomp profile may deny the call).
+and never again after one fails (a seccomp profile may deny the call). Once one has
+succeeded in a process (`verified`), later pools with no initializer skip the probe.
 
 The `bytes` object the worker builds is made with ``PyBytes_FromStringAndSize(NULL,
 n)`` and filled before anything else sees it, which the C API allows; this needs

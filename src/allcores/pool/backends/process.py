@@ -15,7 +15,10 @@
 Start method: ``fork`` while this process has a single OS thread (fast: ~1 ms, and
 a forked child shares the parent's imported modules), else ``forkserver``, since
 forking a process with threads can deadlock the child on a lock some other thread
-held. ``start_method=`` (or ``mp_context=``) forces one.
+held. ``start_method=`` (or ``mp_context=``) forces one. A forked worker is started
+by a bare ``os.fork()`` (`_ForkedProcess`) and finds its SETUP in memory; forkserver
+and spawn workers are ``multiprocessing.Process`` objects that read SETUP as their
+first frame.
 """
 
 from __future__ import annotations
