@@ -160,3 +160,28 @@ def test_output_buffered_before_the_fork_is_written_once() -> None:
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
     )
     assert out.stdout.count("before") == 1
+
+
+def test_the_loop_thread_leaves_no_dummy_thread_behind() -> None:
+    """The loop's thread is started by `_thread`; a worker it starts through
+    run_in_executor (forkserver) made `threading` register it as a _DummyThread,
+    which before 3.13 stayed in threading.enumerate() after the pool ended."""
+    script = textwrap.dedent(
+        """
+        import os, threading, time
+        from allcores.pool import Pool
+        pool = Pool(1, start_method="forkserver")
+        pool.submit(int, 1).result(timeout=30)
+        pool.submit(os._exit, 3)  # a crash: its replacement starts off the loop
+        assert pool.submit(int, 2).result(timeout=30) == 2
+        pool.shutdown()
+        deadline = time.monotonic() + 10  # the executor's thread ends on its own
+        while threading.active_count() > 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        print(sorted(t.name for t in threading.enumerate()))
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.strip() == "['MainThread']", out.stdout + out.stderr

@@ -407,6 +407,21 @@ def _running_frames() -> set[Any]:
     return running
 
 
+def _forget_dummy() -> None:
+    """Drop the _DummyThread that ``threading`` made for this thread, if any.
+
+    A ``threading.Thread`` created on the loop's thread (``run_in_executor``, to
+    start a forkserver worker) calls ``current_thread()``, which registers a thread
+    `threading` did not start as a _DummyThread; before 3.13 that entry stays in
+    ``threading.enumerate()`` after the thread has ended. 3.13 drops it itself.
+    """
+    registry: Any = threading
+    ident = threading.get_ident()
+    with registry._active_limbo_lock:
+        if isinstance(registry._active.get(ident), registry._DummyThread):
+            del registry._active[ident]
+
+
 class _LoopThread:
     """The thread that runs a pool's own event loop, started without waiting for it.
 
@@ -452,12 +467,13 @@ class _LoopThread:
             # No asyncio.set_event_loop: code the loop runs finds it as the running
             # loop, and the policy's set_event_loop may call threading.current_thread(),
             # which in a thread `threading` did not start makes a _DummyThread that is
-            # never removed (before 3.13).
+            # never removed before 3.13 (see _forget_dummy).
             try:
                 self._loop.run_forever()
             finally:
                 self._loop.close()
         finally:
+            _forget_dummy()
             self._done.set()
 
     def is_alive(self) -> bool:
