@@ -417,9 +417,10 @@ def _forget_dummy() -> None:
     """
     registry: Any = threading
     ident = threading.get_ident()
-    with registry._active_limbo_lock:
-        if isinstance(registry._active.get(ident), registry._DummyThread):
-            del registry._active[ident]
+    # Without threading's _active_limbo_lock: a Ctrl-C may have left it taken (in
+    # another thread's Thread.start), and the GIL keeps these dict calls whole.
+    if isinstance(registry._active.get(ident), registry._DummyThread):
+        registry._active.pop(ident, None)
 
 
 class _LoopThread:
