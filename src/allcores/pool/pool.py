@@ -588,7 +588,7 @@ class Pool(concurrent.futures.Executor):
         # bare lock, not an Event: a Ctrl-C in Event.set can leave the Event's own
         # lock taken, and its waiter (the loop's thread) blocked for good.
         self._gate: _thread.LockType | None = None
-        self._bind_lock = threading.Lock()
+        self._bind_lock = threading.RLock()
         self._count_lock = threading.Lock()
         self._task_ids = itertools.count(1)
         self._worker_ids = itertools.count(1)
@@ -690,7 +690,13 @@ class Pool(concurrent.futures.Executor):
         A Ctrl-C may cut this anywhere: the next call (`_ensure_loop`, `shutdown`)
         finishes what it left, since every step can be taken again.
         """
-        with self._bind_lock:
+        if self._bound:
+            return False
+        # Reentrant, and taken without `with`: a Ctrl-C right after the acquire (or,
+        # with 3.13's tracing, inside a `with` block) may leave it held, by the thread
+        # that then calls again to finish the binding (`_ensure_loop`).
+        self._bind_lock.acquire()
+        try:
             if self._bound:
                 return False
             loop = self._loop
@@ -742,6 +748,8 @@ class Pool(concurrent.futures.Executor):
             self._private_thread.start()
             self._bound = True
             return sent_to is not None
+        finally:
+            self._bind_lock.release()
 
     def _open_gate(self) -> None:
         """Let the loop's thread run now (see EARLY_GATE)."""
