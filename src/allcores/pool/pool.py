@@ -720,7 +720,7 @@ class Pool(concurrent.futures.Executor):
             # callbacks queued meanwhile (call_soon_threadsafe) wait in it, and nothing
             # reads a worker that `_send_early` takes. That worker first, so that its
             # task goes as soon as it can.
-            sent_to = None
+            sent = False
             # Not with an initializer: it may take long, and the first task would
             # wait for this worker's even if another's ends first.
             if (
@@ -732,7 +732,7 @@ class Pool(concurrent.futures.Executor):
                     if worker.state == _STARTING and worker.handle and worker.direct is None:
                         self._attach(worker)
                         if self._send_early(first, worker):
-                            sent_to = worker
+                            sent = True
                             gate = _thread.allocate_lock()
                             gate.acquire()
                             self._gate = gate
@@ -747,7 +747,7 @@ class Pool(concurrent.futures.Executor):
                 self._private_thread = _LoopThread(loop, self, self._gate)
             self._private_thread.start()
             self._bound = True
-            return sent_to is not None
+            return sent
         finally:
             self._bind_lock.release()
 
