@@ -22,6 +22,8 @@ import pytest
 
 from allcores.ipc.channel import MAX_FDS
 from allcores.pool import Pool, ReplyLostError, WorkerCrashedError
+from allcores.pool import _protocol as proto
+from allcores.pool._serialize import pack, read_head
 from allcores.shm.segment import Segment
 from tests.pool import helpers
 from tests.pool.conftest import wait_gone
@@ -364,6 +366,49 @@ def test_a_claim_left_by_a_cut_cleanup_is_given_back(monkeypatch: pytest.MonkeyP
         assert handle.claimed_by() is not None  # left behind by the cut
         assert [pool.submit(helpers.add, i).result(timeout=30) for i in range(3)] == [1, 2, 3]
         assert handle.claimed_by() is None
+
+
+@pytest.mark.parametrize("posted", [False, True])
+def test_a_cut_while_passing_another_frame_on_delivers_it_once(
+    monkeypatch: pytest.MonkeyPatch, posted: bool
+) -> None:
+    # The reading thread comes across a frame that is not its reply (here a SYNCED,
+    # as an earlier cut's SYNC brings) and is cut while it passes that frame on to
+    # the loop: before it was posted, or after. The loop must take it exactly once,
+    # and the task's reply, still in the socket, must settle the task.
+    with Pool(1) as pool:
+        _warm(pool)
+        handle = _only_worker(pool).handle
+        assert handle.send_from_thread(pack(proto.SYNC, 999_999, None).payload, [])
+        real_post = pool._post
+        real_on_message = pool._on_message
+        synced = []
+        cuts = []
+
+        def cut_post(fn: Any, *args: Any) -> None:
+            if fn == pool._pass_on and not cuts:
+                cuts.append(fn)
+                if posted:
+                    real_post(fn, *args)
+                raise _Interrupted
+            real_post(fn, *args)
+
+        def spy(worker: Any, payload: bytes, fds: list[int]) -> None:
+            kind, _nbuf, _nuser, task_id, _seconds = read_head(payload)
+            if kind == proto.SYNCED and task_id == 999_999:
+                synced.append(task_id)
+            real_on_message(worker, payload, fds)
+
+        monkeypatch.setattr(pool, "_post", cut_post)
+        monkeypatch.setattr(pool, "_on_message", spy)
+        task = pool.submit(helpers.add, 41)
+        with pytest.raises(_Interrupted):
+            task.result(timeout=30)
+        assert cuts
+        assert task.result(timeout=30) == 42
+        assert [pool.submit(helpers.add, i).result(timeout=30) for i in range(3)] == [1, 2, 3]
+        assert synced == [999_999]
+        assert pool.stats().failed == 0
 
 
 def test_a_submit_cut_before_its_frame_went_leaves_the_pool_working(

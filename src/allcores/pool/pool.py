@@ -303,6 +303,7 @@ class _Worker:
         "idle_since",
         "inflight",
         "outbox",
+        "passed",
         "row",
         "sent",
         "started_at",
@@ -327,6 +328,9 @@ class _Worker:
         # Tasks whose reply a cut read may have lost, by the SYNC token that settles
         # their fate (`Pool._direct_interrupted`).
         self.suspects: dict[int, _Task] = {}
+        # The last frame a reading thread passed on to the loop (`Pool._pass_on`): by
+        # identity, it tells whether a cut thread's frame reached the loop already.
+        self.passed: bytes | bytearray | None = None
 
 
 def _new_event_loop() -> asyncio.AbstractEventLoop:
@@ -360,6 +364,11 @@ def _future_done(future: concurrent.futures.Future[Any] | asyncio.Future[Any]) -
     """
     state = getattr(future, "_state", None)
     return future.done() if state is None else state in _DONE_STATES
+
+
+def _is_reply(task: _Task, kind: int, task_id: int) -> bool:
+    """Whether a frame of *kind* for *task_id* is a direct *task*'s reply."""
+    return task_id == task.id and (kind == proto.RESULT or kind == proto.ERROR)
 
 
 def _lock_free(future: concurrent.futures.Future[Any] | asyncio.Future[Any]) -> bool:
@@ -1024,6 +1033,11 @@ class Pool(concurrent.futures.Executor):
             for fd in fds:
                 os.close(fd)
 
+    def _pass_on(self, worker: _Worker, payload: bytes | bytearray, fds: list[int]) -> None:
+        """`_on_message` for a frame a thread reading its own reply came across."""
+        worker.passed = payload
+        self._on_message(worker, payload, fds)
+
     def _on_ready(self, worker: _Worker) -> None:
         if worker.state != _STARTING:
             return
@@ -1526,12 +1540,12 @@ class Pool(concurrent.futures.Executor):
                 if frame[0][0] == proto.READY:
                     # The worker got this task while it started (`_send_early`): its
                     # READY comes first, for the loop; the reply follows.
-                    self._post_quietly(self._on_message, worker, frame[0], frame[1])
+                    self._post_quietly(self._pass_on, worker, frame[0], frame[1])
                     frame = None
                     continue
-                # Not this task's reply (a cancelled task's late result, say): the
-                # loop drops it, and reads this worker from now on.
-                self._post(self._on_message, worker, frame[0], frame[1])
+                # Not this task's reply (a cancelled task's late result, a SYNCED): the
+                # loop takes it, and reads this worker from now on.
+                self._post(self._pass_on, worker, frame[0], frame[1])
                 frame = None
                 to_loop = True
                 break
@@ -1576,11 +1590,16 @@ class Pool(concurrent.futures.Executor):
           reply the worker owes comes before SYNCED, so a task still unsettled then
           lost its reply (`_on_synced`).
         """
-        if frame is not None and frame[0][0] == proto.READY:
-            # Read ahead of the reply (`_send_early`); maybe passed on already, which
-            # `_on_ready` tells.
-            self._on_message(worker, frame[0], frame[1])
-            frame = None
+        if frame is not None:
+            kind, _nbuf, _nuser, task_id, _seconds = read_head(frame[0])
+            if not _is_reply(task, kind, task_id):
+                # A frame read ahead of the reply (a READY, a SYNCED, a late result),
+                # cut while being passed on: the loop may have it already (`_pass_on`,
+                # posted before this, has run by now).
+                if frame[0] is not worker.passed:
+                    self._pass_on(worker, frame[0], frame[1])
+                worker.passed = None
+                frame = None
         with self._idle_lock:
             attached = worker.direct is task
             if attached:
@@ -1726,7 +1745,7 @@ class Pool(concurrent.futures.Executor):
         the claim on the worker's socket); False if the frame is not that reply."""
         payload, fds = frame
         kind, _nbuf, _nuser, task_id, seconds = read_head(payload)
-        if task_id != task.id or (kind != proto.RESULT and kind != proto.ERROR):
+        if not _is_reply(task, kind, task_id):
             return False
         # Settled before it is detached from the worker: an interrupt between the two
         # leaves a settled task still marked as this thread's, which the loop puts
