@@ -448,9 +448,30 @@ def _run_module(*argv: str) -> str:
         pytest.fail(f"the interrupted pool hung: {exc.stdout!r} {exc.stderr!r}")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "OK:" in done.stdout
-    # An error in a thread (the loop's, say) does not fail the run by itself.
-    assert "Exception ignored" not in done.stderr, done.stderr
+    # An error in the loop's thread does not fail the run by itself.
+    assert "Exception in callback" not in done.stderr, done.stderr
+    assert not _ours_ignored(done.stderr), done.stderr
     return done.stdout
+
+
+def _ours_ignored(stderr: str) -> list[str]:
+    """The "Exception ignored" reports in *stderr* that went through allcores' code.
+
+    A cut can also land in a weakref callback or a ``__del__`` that the garbage
+    collector runs meanwhile, in the standard library, where CPython reports and
+    drops it (as it does a real Ctrl-C there): not the pool's to answer for.
+    """
+    reports = []
+    for chunk in stderr.split("Exception ignored")[1:]:
+        lines = chunk.splitlines()
+        report = lines[:1]
+        for line in lines[1:]:
+            report.append(line)
+            if line and not line[0].isspace() and not line.startswith("Traceback"):
+                break  # the exception's own line ends the report
+        if any(f"{os.sep}allcores{os.sep}" in line for line in report):
+            reports.append("\n".join(report))
+    return reports
 
 
 @pytest.mark.parametrize("seed", [1, 2])
