@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import dis
+import gc
+import os
 import sys
 import threading
 import time
@@ -55,7 +57,23 @@ def _cut_points(code: CodeType) -> frozenset[int]:
     return points
 
 
+_collecting = False
+
+
+def _gc_phase(phase: str, _info: dict[str, int]) -> None:
+    global _collecting
+    _collecting = phase == "start"
+
+
+def _weakref_callback(code: CodeType) -> bool:
+    return code.co_filename.endswith(("_weakrefset.py", f"{os.sep}weakref.py"))
+
+
 class Cutter:
+    """Raises at the k-th cut point. Not in code that the garbage collector or a
+    weakref callback runs meanwhile: CPython drops an exception raised there ("Exception
+    ignored"), and on 3.11 tracing it has been seen to corrupt the tracer's state."""
+
     def __init__(self, k: int) -> None:
         self.k = k
         self.seen = 0
@@ -65,11 +83,14 @@ class Cutter:
         self.seen += 1
         if self.seen == self.k:
             self.where = f"{frame.f_code.co_name}:{frame.f_lineno}"
-            sys.settrace(None)
             raise Interrupted
 
     def trace(self, frame: FrameType, event: str, _arg: Any) -> Any:
+        if self.where is not None or _collecting:
+            return None  # cut already (the caller stops tracing), or in the collector
         if event == "call":
+            if frame.f_code is _gc_phase.__code__ or _weakref_callback(frame.f_code):
+                return None
             frame.f_trace_opcodes = True
             self._tick(frame)
         elif event == "opcode" and frame.f_lasti in _cut_points(frame.f_code):
@@ -97,6 +118,7 @@ def _shuts_down(pool: Pool) -> bool:
 
 
 def main(workers: int, max_tasks: int, first: bool) -> int:
+    gc.callbacks.append(_gc_phase)
     settings: dict[str, Any] = {"max_tasks_per_child": max_tasks} if max_tasks else {}
     pool = Pool(workers, **settings)
     for _ in range(5):
