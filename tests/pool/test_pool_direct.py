@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+import allcores
 from allcores.ipc.channel import MAX_FDS
 from allcores.pool import Pool, ReplyLostError, WorkerCrashedError
 from allcores.pool import _protocol as proto
@@ -454,6 +455,9 @@ def _run_module(*argv: str) -> str:
     return done.stdout
 
 
+_PACKAGE = str(Path(allcores.__file__).parent) + os.sep
+
+
 def _ours_ignored(stderr: str) -> list[str]:
     """The "Exception ignored" reports in *stderr* that went through allcores' code.
 
@@ -469,7 +473,7 @@ def _ours_ignored(stderr: str) -> list[str]:
             report.append(line)
             if line and not line[0].isspace() and not line.startswith("Traceback"):
                 break  # the exception's own line ends the report
-        if any(f"{os.sep}allcores{os.sep}" in line for line in report):
+        if any(_PACKAGE in line for line in report):
             reports.append("\n".join(report))
     return reports
 
