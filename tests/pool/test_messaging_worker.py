@@ -24,6 +24,7 @@ from tests.pool.worker_targets import (
     exit_with,
     fail,
     fill_array,
+    post_from_grandchild,
     receive_and_double,
     sleep_forever,
     sum_to,
@@ -163,6 +164,21 @@ async def test_bad_input_is_refused_with_what_to_do() -> None:
         worker.join()
     worker.post_message(None)
     assert await worker.wait_exit() == 0
+
+
+async def test_exit_waits_for_messages_still_on_their_way() -> None:
+    # The worker has exited (its exit code is known) while a grandchild it forked
+    # still holds its end of the channel and posts after that: wait_message() still
+    # waits, and wait_exit() returns only once every message was delivered.
+    worker = Worker(post_from_grandchild, worker_data=0.5)
+    for _ in range(1_000):  # until the exit code is known: the grandchild still waits
+        if "exited" in repr(worker):
+            break
+        await asyncio.sleep(0.005)
+    assert await worker.wait_message() == "late"
+    assert await worker.wait_exit() == 0
+    with pytest.raises(WorkerError, match="exited with code 0 before sending a message"):
+        await worker.wait_message()
 
 
 def _process_wide_fds() -> set[str]:

@@ -56,3 +56,22 @@ def fill_array(parent_port: ParentPort, worker_data: Any) -> None:
     posted = parent_port.receive()
     posted.numpy()[:] += 1
     parent_port.post_message(posted)
+
+
+def post_from_grandchild(parent_port: ParentPort, worker_data: float) -> None:
+    """Return at once, leaving a forked grandchild that holds the channel, waits
+    *worker_data* seconds, posts "late" and exits.
+
+    The grandchild closes every other fd it inherited, among them the one by which
+    the parent learns that the worker has exited: the parent knows the exit code
+    while the channel is still open.
+    """
+    if os.fork() == 0:
+        try:
+            keep = parent_port._channel.fileno()
+            os.closerange(3, keep)
+            os.closerange(keep + 1, 65536)
+            time.sleep(worker_data)
+            parent_port.post_message("late")
+        finally:
+            os._exit(0)

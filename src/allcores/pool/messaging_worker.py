@@ -575,13 +575,15 @@ class Worker:
             _settle(fut, self._inbox.popleft())
         elif self._error is not None:
             _settle(fut, exc=self._error)
-        elif self._exit_code is not None:
+        elif self._exited.is_set():
+            # Not as soon as the exit code is known: messages may still be on their way
+            # (`_finish` waits for the channel's end too).
             _settle(fut, exc=self._exited_error(" before sending a message"))
         else:
             self._message_waiters.append(fut)
 
     def _add_exit_waiter(self, fut: asyncio.Future[int]) -> None:
-        if self._exit_code is not None:
+        if self._exited.is_set():
             _settle(fut, self._exit_code)
         else:
             self._exit_waiters.append(fut)
