@@ -2171,7 +2171,7 @@ class Pool(concurrent.futures.Executor):
             task.future = future
             if self._on_loop_thread():
                 self._enqueue(task)
-            elif not (not self._bound and self._bind(first=task)):
+            elif self._bound or not self._bind(first=task):
                 self._ensure_loop()
                 if not self._send_direct(task):
                     handed = True
