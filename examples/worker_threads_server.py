@@ -38,7 +38,7 @@ import traceback
 from collections.abc import Awaitable, Callable
 
 from allcores.pool import Pool
-from allcores.pool.messaging_worker import ParentPort, Worker
+from allcores.worker import ParentPort, Worker
 
 PORT = int(os.environ.get("PORT", "8001"))
 CPU_N = int(os.environ.get("CPU_N", "20000000"))

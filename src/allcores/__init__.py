@@ -33,8 +33,8 @@ if TYPE_CHECKING:
         WorkerCrashedError,
         offload,
     )
-    from allcores.pool.messaging_worker import Worker
     from allcores.shm import SharedArray
+    from allcores.worker import Worker, WorkerProcessError
 
 __all__ = [
     "AllcoresError",
@@ -48,6 +48,7 @@ __all__ = [
     "TaskTimeoutError",
     "Worker",
     "WorkerCrashedError",
+    "WorkerProcessError",
     "available_cpus",
     "cluster",
     "offload",
@@ -65,7 +66,8 @@ _LAZY = {
     "TaskTimeoutError": ("allcores.pool", "TaskTimeoutError"),
     "WorkerCrashedError": ("allcores.pool", "WorkerCrashedError"),
     "offload": ("allcores.pool", "offload"),
-    "Worker": ("allcores.pool.messaging_worker", "Worker"),
+    "Worker": ("allcores.worker", "Worker"),
+    "WorkerProcessError": ("allcores.worker", "WorkerProcessError"),
     "SharedArray": ("allcores.shm", "SharedArray"),
 }
 

@@ -21,3 +21,14 @@ class ChannelClosed(ChannelError):
 
 class MissingDependencyError(AllcoresError, ImportError):
     """An optional dependency is not installed; the message names the extra to install."""
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised in a worker, attached as ``__cause__``."""
+
+    def __init__(self, tb: str) -> None:
+        self.tb = tb
+        super().__init__(tb)
+
+    def __str__(self) -> str:
+        return self.tb

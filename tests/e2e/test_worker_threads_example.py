@@ -46,7 +46,8 @@ def start(
 
 
 def children(proc: subprocess.Popen[bytes]) -> set[int]:
-    return {child.pid for child in psutil.Process(proc.pid).children()}
+    """Every descendant: a pool's processes are its zygote's children."""
+    return {child.pid for child in psutil.Process(proc.pid).children(recursive=True)}
 
 
 def in_background(port: int, path: str) -> tuple[threading.Thread, list[tuple[int, str]]]:

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
+from allcores.child import fds
 from allcores.pool import Pool
-from allcores.pool.backends import process
 
 
 def _is_helper(proc: psutil.Process) -> bool:
@@ -55,7 +55,7 @@ def wait_gone(pids: set[int] | list[int], timeout: float = 10.0) -> set[int]:
 def no_leftovers() -> Iterator[None]:
     before_children = child_pids()
     before_shm = shm_entries()
-    before_fds = set(process._PARENT_FDS)
+    before_fds = set(fds._PARENT_ENDS)
     yield
     leftover = wait_gone(child_pids() - before_children, timeout=10.0)
     assert not leftover, f"processes left behind: {leftover}"
@@ -65,7 +65,7 @@ def no_leftovers() -> Iterator[None]:
     assert not new_shm, f"/dev/shm entries left behind: {new_shm}"
     # Every worker reaped: a registered fd number outliving its worker would be
     # closed by the next forked worker, which may hold that number by then.
-    registered = set(process._PARENT_FDS) - before_fds
+    registered = set(fds._PARENT_ENDS) - before_fds
     assert not registered, f"worker channel fds still registered: {registered}"
 
 

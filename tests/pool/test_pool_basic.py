@@ -223,15 +223,15 @@ def test_mp_context_forces_the_start_method() -> None:
 
     with Pool(1, mp_context=multiprocessing.get_context("forkserver")) as pool:
         assert pool.submit(lambda: 5).result(timeout=60) == 5
-        assert pool._backend.last_start_method == "forkserver"  # type: ignore[attr-defined]
+        assert pool._backend.start_method == "forkserver"  # type: ignore[attr-defined]
 
 
-def test_fork_when_single_threaded() -> None:
+def test_fork_by_default_with_no_warning() -> None:
     script = textwrap.dedent(
         """
         from allcores.pool import Pool
         pool = Pool(1)
-        print(pool._backend.last_start_method)
+        print(pool._backend.start_method)
         pool.shutdown()
         """
     )

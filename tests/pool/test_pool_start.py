@@ -1,5 +1,5 @@
-"""Start-up: the first task of a pool goes to a worker still starting, and forked
-workers start without multiprocessing.Process (`backends.process._ForkedProcess`)."""
+"""Start-up: the first task of a pool goes to a worker still starting, and workers
+forked by the pool's zygote look like multiprocessing children."""
 
 from __future__ import annotations
 
@@ -119,8 +119,7 @@ def test_max_tasks_per_child_counts_the_first_task() -> None:
 
 
 def test_a_forked_worker_looks_like_a_multiprocessing_child() -> None:
-    # In a fresh process: this one may have threads by now, and then the pool would
-    # start its workers by forkserver.
+    # In a fresh process, to know every process it has.
     script = textwrap.dedent(
         """
         import json, os
@@ -129,7 +128,8 @@ def test_a_forked_worker_looks_like_a_multiprocessing_child() -> None:
         with Pool(1) as pool:
             seen = pool.submit(helpers.identity_in_worker).result(timeout=30)
             seen["worker_pid"] = pool.worker_pids()[0]
-            seen["method"] = pool._backend.last_start_method
+            seen["method"] = pool._backend.start_method
+            seen["zygote"] = pool._backend._zygote.pid
         seen["parent"] = os.getpid()
         print(json.dumps(seen))
         """
@@ -141,7 +141,8 @@ def test_a_forked_worker_looks_like_a_multiprocessing_child() -> None:
     assert seen["method"] == "fork"
     assert seen["name"].startswith("allcores-pool-")
     assert seen["pid"] == seen["worker_pid"]
-    assert seen["parent_pid"] == seen["parent"]
+    # Its parent is the pool's zygote, a child of the pool's process.
+    assert seen["parent_pid"] == seen["zygote"] != seen["parent"]
     assert seen["stdin_line"] is None  # EOF: never the parent's terminal
     assert seen["fd0"] == os.devnull
 

@@ -4,7 +4,6 @@
 
     pool (parent)                                   worker (blocking loop, `serve`)
     SETUP {worker id, initializer, scoreboard} ──►  attach scoreboard row, run initializer
-    (a forked worker finds SETUP in memory)
                                                ◄──  READY {pid, pull} | INIT_FAILED (exc, tb)
     TASK  id (fn blob, args, kwargs)           ──►  fn(*args, **kwargs)
     CHUNK id (fn blob, [args, ...])            ──►  [fn(*args) for each]
@@ -14,7 +13,8 @@
     BATCH [message, ...] (several dispatched in one loop iteration, one send)
                                                ◄──  RESULT id value | ERROR id (exc, traceback)
                                                ◄──  CHUNK_RESULT id (values, error or None)
-    end of the channel                         ──►  the worker returns (exit code 0)
+    STOP (after the tasks sent before it)      ──►  the worker returns (exit code 0)
+    end of the channel                         ──►  the same, if the pool died first
 
 Every message is one frame packed by `_serialize.pack` (the task id and the run time
 ride in its fixed head). A worker runs its tasks one at a time, in the order they
@@ -61,6 +61,7 @@ TASK = 2
 CHUNK = 3
 SKIP = 4
 SYNC = 6
+STOP = 7
 # BATCH = 5 (`_serialize.BATCH`): several fd-less messages sent as one frame.
 # Worker -> parent.
 READY = 10
@@ -149,18 +150,22 @@ class _RowWriter:
 
 
 def pack_setup(setup: dict[str, Any]) -> Packed:
-    """The SETUP frame, for a worker that does not find *setup* in memory."""
+    """The SETUP frame, the first a worker reads."""
     return pack(SETUP, 0, setup)
 
 
-def _setup(endpoint: Endpoint, setup: dict[str, Any] | None) -> _RowWriter | None:
-    """Read SETUP (unless given), run the initializer; None when the worker must stop."""
-    if setup is None:
-        try:
-            payload, fds = endpoint.recv_bytes()
-        except ChannelClosed:
-            return None
-        setup = unpack(payload, fds)
+def pack_stop() -> bytes | bytearray:
+    """The STOP frame: it carries no fds."""
+    return pack(STOP, 0, None).payload
+
+
+def _setup(endpoint: Endpoint) -> _RowWriter | None:
+    """Read SETUP, run the initializer; None when the worker must stop."""
+    try:
+        payload, fds = endpoint.recv_bytes()
+    except ChannelClosed:
+        return None
+    setup: dict[str, Any] = unpack(payload, fds)
     row = None
     scoreboard = setup.get("scoreboard")
     if scoreboard is not None:
@@ -252,13 +257,10 @@ def _fits(packed: Packed) -> Packed:
     )
 
 
-def serve(endpoint: Endpoint, setup: dict[str, Any] | None = None) -> None:
-    """The worker's life: setup, then tasks until the pool closes the channel.
-
-    *setup* is SETUP's content when the worker has it already (a forked process).
-    """
+def serve(endpoint: Endpoint) -> None:
+    """The worker's life: setup, then tasks until STOP or the channel's end."""
     try:
-        row = _setup(endpoint, setup)
+        row = _setup(endpoint)
     except ChannelClosed:
         return  # The pool shut down while this worker started.
     if row is None:
@@ -302,6 +304,8 @@ def serve(endpoint: Endpoint, setup: dict[str, Any] | None = None) -> None:
                 spin = time.perf_counter() - replied_at < SPIN_GAP
             payload, fds = pending.popleft()
             task_id = read_head(payload)[3]
+            if payload[0] == STOP:
+                return
             if payload[0] == SYNC:
                 endpoint.send_bytes(pack(SYNCED, task_id, None).payload)
                 continue

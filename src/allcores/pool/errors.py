@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from concurrent.futures import BrokenExecutor
 
-from allcores.errors import AllcoresError
+from allcores.errors import AllcoresError, RemoteTraceback
 
 __all__ = [
     "InitializerError",
@@ -126,14 +126,3 @@ class InitializerError(PoolError, BrokenExecutor):
     The original exception is the ``__cause__``. The pool does not respawn workers
     that would fail the same way; every pending task fails with this error.
     """
-
-
-class RemoteTraceback(Exception):
-    """The traceback of an exception raised in a worker, attached as ``__cause__``."""
-
-    def __init__(self, tb: str) -> None:
-        self.tb = tb
-        super().__init__(tb)
-
-    def __str__(self) -> str:
-        return self.tb

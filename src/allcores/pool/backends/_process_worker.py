@@ -6,46 +6,28 @@ itself is `allcores.pool._protocol.serve`.
 
 from __future__ import annotations
 
-import _signal  # type: ignore[import-not-found]  # CPython's C module, no stubs
 import contextlib
 import os
+import signal
 import socket
-from typing import Any
 
 from allcores._system import die_with_parent, release_forkserver
 from allcores.ipc.channel import Channel
 from allcores.pool._protocol import serve
 
 
-def main(
-    sock: socket.socket,
-    nice: int,
-    close_fds: list[int],
-    parent_pid: int | None,
-    setup: dict[str, Any] | None,
-) -> None:
-    """Serve the pool over *sock*; *setup* is given to a forked worker, else it
-    comes as the first frame."""
-    own = sock.fileno()
-    for fd in close_fds:
-        # Forked children inherit the parent's ends of other workers' channels;
-        # holding them would hide the parent's death from those workers. A number
-        # the parent forgot to drop may since name this worker's own socket: keep it.
-        if fd == own:
-            continue
-        with contextlib.suppress(OSError):
-            os.close(fd)
+def main(sock: socket.socket, parent_pid: int | None, nice: int) -> None:
+    """Serve the pool over *sock*; *parent_pid* is the process that started this one
+    (the pool's zygote), or None when that is not known (forkserver, spawn)."""
     die_with_parent(parent_pid)
     release_forkserver()
     # Ctrl-C reaches the whole process group; the parent decides what stops.
-    # `_signal`, the C module under `signal`: its wrapper's enum conversions cost a
-    # freshly forked worker ~0.2 ms of copy-on-write faults, against ~0.03 ms.
-    _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if nice:
         with contextlib.suppress(OSError):
             os.nice(nice)
     channel = Channel(sock, raw=True)
     try:
-        serve(channel, setup)
+        serve(channel)
     finally:
         channel.close()

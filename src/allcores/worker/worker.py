@@ -5,7 +5,7 @@
     parent (the loop that created the Worker)             worker process
     ─────────────────────────────────────────             ──────────────
     Worker(target, worker_data=...)
-      fork (one OS thread) or forkserver ─────────────►   PR_SET_PDEATHSIG(SIGKILL)
+      fork (multiprocessing's "fork") ─────────────────►   PR_SET_PDEATHSIG(SIGKILL)
       AsyncChannel on the parent's loop  ──("init", worker_data)──►  Channel (blocking)
                                          ◄──("online",)──────────   target(parent_port, worker_data)
     worker.post_message(obj) ────────────("message", obj)──────►   parent_port.receive() /
@@ -13,7 +13,7 @@
     on("message", cb), wait_message(),   ◄──("message", obj)───    parent_port.post_message(obj)
       async for msg in worker
     on("error", cb)                      ◄──("error", exc, tb)──   target raised
-    on("exit", cb(code))  ◄── channel EOF + process sentinel ───   process exits
+    on("exit", cb(code))  ◄── channel EOF + pidfd (WatchedProcess) ─   process exits
 
 Every frame is one pickle (protocol 5) made inside `fd_transfer()`, so a `SharedArray`
 or `Segment` anywhere in a message travels as its fd, alongside the frame, and the
@@ -28,10 +28,14 @@ Exit codes follow `multiprocessing`: 0 when the target returns (and its message
 listeners are done), ``n`` for ``sys.exit(n)``, 1 when the target raised (after the
 "error" event), ``-N`` when signal N killed it (`terminate()` sends SIGKILL: -9).
 
-The worker dies with its parent: it sets PR_SET_PDEATHSIG (with forkserver the
-forkserver is its parent, and it exits when ours does), and it exits when the
+The worker dies with its parent: it sets PR_SET_PDEATHSIG, and it exits when the
 channel reaches EOF while it waits for messages. At interpreter exit the parent
 kills the workers still running, so a forgotten worker never holds the exit up.
+
+It is always forked, never started through forkserver or spawn: those re-import
+``__main__``, which re-runs a script that has no ``if __name__ == "__main__":``
+guard. The parent's end of its channel is closed in every other forked child
+(`allcores.child.fds`), so a process forked later cannot keep it open.
 """
 
 from __future__ import annotations
@@ -58,14 +62,14 @@ from typing import Any, Literal
 import cloudpickle
 
 from allcores._system import die_with_parent, release_forkserver
-from allcores.errors import AllcoresError, ChannelClosed, ChannelError
+from allcores.child.fds import forget_parent_end, register_parent_end
+from allcores.child.process import WatchedProcess
+from allcores.errors import AllcoresError, ChannelClosed, ChannelError, RemoteTraceback
 from allcores.events import EventEmitter
 from allcores.ipc.channel import AsyncChannel, Channel, channel_pair
-from allcores.pool.backends.process import choose_start_method
-from allcores.pool.errors import RemoteTraceback
 from allcores.shm.segment import fd_transfer, received_fds
 
-__all__ = ["ParentPort", "RemoteTraceback", "Worker", "WorkerError"]
+__all__ = ["ParentPort", "Worker", "WorkerProcessError"]
 
 log = logging.getLogger("allcores.worker")
 
@@ -80,15 +84,12 @@ _PORT_EVENTS = ("message",)
 # of the worker's messages before reporting "exit". A worker that exits normally
 # closes its end as it dies, so the wait ends at once.
 _EOF_GRACE_S = 1.0
-# After the process sentinel fires, waitpid may not see the zombie for a moment; we
-# poll this often rather than block the loop in join().
-_REAP_POLL_S = 0.005
 # Interpreter exit waits this long for each killed worker to be reaped.
 _ATEXIT_REAP_S = 1.0
 _TARGET_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
-class WorkerError(AllcoresError):
+class WorkerProcessError(AllcoresError):
     """A Worker could not start, could not send a message, or exited before answering.
 
     ``exit_code`` is the worker's exit code when the error is about its exit.
@@ -112,7 +113,7 @@ def _encode(obj: Any, what: str) -> tuple[bytes, list[int]]:
         with fd_transfer() as fds:
             payload = pickle.dumps(obj, protocol=5)
     except Exception as exc:
-        raise WorkerError(
+        raise WorkerProcessError(
             f"{what} cannot be pickled ({exc!r}); send plain data (numbers, strings, "
             "lists, dicts, dataclasses) and put large buffers in an allcores.SharedArray"
         ) from exc
@@ -141,13 +142,13 @@ def _target_spec(target: str | Target) -> tuple[str, str | bytes]:
     """
     if isinstance(target, str):
         if not _TARGET_PATH.match(target):
-            raise WorkerError(
+            raise WorkerProcessError(
                 f"target {target!r} is not 'package.module:function'; pass that form "
                 "or the function itself"
             )
         return "import", target
     if not callable(target):
-        raise WorkerError(f"target must be a function or 'module:function', got {target!r}")
+        raise WorkerProcessError(f"target must be a function or 'module:function', got {target!r}")
     by_value = getattr(target, "__module__", None) == "__main__" or "<" in getattr(
         target, "__qualname__", "<"
     )
@@ -159,7 +160,7 @@ def _target_spec(target: str | Target) -> tuple[str, str | bytes]:
     try:
         return "pickle", cloudpickle.dumps(target, protocol=5)
     except Exception as exc:
-        raise WorkerError(
+        raise WorkerProcessError(
             f"target {target!r} cannot be pickled ({exc!r}); define it at module level "
             "and pass it or its 'module:function' path"
         ) from exc
@@ -243,7 +244,7 @@ class ParentPort:
     @staticmethod
     def _check_event(event: str) -> None:
         if event not in _PORT_EVENTS:
-            raise WorkerError(f"parent_port has no {event!r} event; it has: 'message'")
+            raise WorkerProcessError(f"parent_port has no {event!r} event; it has: 'message'")
 
     def _send(self, frame: tuple[Any, ...], what: str) -> None:
         payload, fds = _encode(frame, what)
@@ -279,17 +280,10 @@ def _reset_signals() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _worker_main(sock: socket.socket, spec: tuple[str, str | bytes], forked: bool) -> None:
+def _worker_main(sock: socket.socket, spec: tuple[str, str | bytes], parent: int) -> None:
     """The worker process's entry point (run by multiprocessing's bootstrap)."""
-    die_with_parent(None)
+    die_with_parent(parent)
     _reset_signals()
-    if forked:
-        # The parent ends of every channel, ours included, came with the fork; holding
-        # them would keep those workers (and us) from ever seeing EOF.
-        for parent_end in list(_PARENT_ENDS):
-            if parent_end.fileno() >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(parent_end.detach())
     release_forkserver()
     channel = Channel(sock, raw=True)
     try:
@@ -326,10 +320,6 @@ def _report_error(port: ParentPort, exc: BaseException) -> None:
 
 # ── parent side ─────────────────────────────────────────────────────────────────
 
-# Parent ends of live channels: a forked worker closes them all (see
-# _worker_main). Only touched while this process has one thread (fork) or under the
-# GIL from the thread that owns the Worker.
-_PARENT_ENDS: set[socket.socket] = set()
 # Workers still running, killed at interpreter exit.
 _LIVE: set[Worker] = set()
 
@@ -395,9 +385,6 @@ class Worker:
     ) -> None:
         spec = _target_spec(target)
         init_payload, init_fds = _encode(("init", worker_data), "worker_data")
-        # fork is fast (no re-import) but only safe while this process has one OS
-        # thread; otherwise the forkserver starts it, as the pool does.
-        method = choose_start_method()
         self._events = _LoopEvents(self._listener_raised)
         self._inbox: collections.deque[Any] = collections.deque()
         self._message_waiters: list[asyncio.Future[Any]] = []
@@ -410,26 +397,23 @@ class Worker:
         self._channel: AsyncChannel | None = None
 
         parent_end, child_end = channel_pair()
-        context = (
-            multiprocessing.get_context("fork")
-            if method == "fork"
-            else multiprocessing.get_context("forkserver")
+        process = multiprocessing.get_context("fork").Process(
+            target=_worker_main, args=(child_end, spec, os.getpid()), name=name
         )
-        self._proc = context.Process(
-            target=_worker_main, args=(child_end, spec, method == "fork"), name=name
-        )
-        _PARENT_ENDS.add(parent_end)
+        register_parent_end(parent_end.fileno())
         try:
-            self._proc.start()
+            process.start()
         except BaseException:
-            _PARENT_ENDS.discard(parent_end)
+            forget_parent_end(parent_end.fileno())
             parent_end.close()
             _close_fds(init_fds)
             raise
         finally:
             child_end.close()
-        self._pid: int = self._proc.pid or 0
+        self._proc = WatchedProcess(process)
+        self._pid: int = process.pid or 0
         self._parent_end = parent_end
+        self._parent_fd = parent_end.fileno()  # registered; a closed socket forgets it
         _LIVE.add(self)
         # Only now, after the fork: the private loop adds a thread to this process.
         try:
@@ -452,7 +436,7 @@ class Worker:
     def post_message(self, obj: Any) -> None:
         """Send a pickled copy of *obj* to the worker (SharedArray memory is shared).
 
-        Raises WorkerError at once if *obj* cannot be pickled; a message posted
+        Raises WorkerProcessError at once if *obj* cannot be pickled; a message posted
         after the worker has exited is dropped, as in Node.
         """
         payload, fds = _encode(("message", obj), "the message")
@@ -485,7 +469,7 @@ class Worker:
     async def wait_message(self) -> Any:
         """The next message from the worker.
 
-        Raises the worker's exception if it fails first, or WorkerError if it exits
+        Raises the worker's exception if it fails first, or WorkerProcessError if it exits
         without sending one.
         """
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -509,7 +493,7 @@ class Worker:
         """
         with contextlib.suppress(RuntimeError):
             if asyncio.get_running_loop() is self._loop:
-                raise WorkerError(
+                raise WorkerProcessError(
                     "join() would block the event loop that must deliver the exit; "
                     "use 'await worker.wait_exit()'"
                 )
@@ -525,7 +509,7 @@ class Worker:
     @staticmethod
     def _check_event(event: str) -> None:
         if event not in _EVENTS:
-            raise WorkerError(f"Worker has no {event!r} event; it has: {', '.join(_EVENTS)}")
+            raise WorkerProcessError(f"Worker has no {event!r} event; it has: {', '.join(_EVENTS)}")
 
     def _add_listener(self, event: str, listener: Listener | None, *, once: bool) -> Listener:
         self._check_event(event)
@@ -545,7 +529,7 @@ class Worker:
         self._channel = AsyncChannel(
             self._parent_end, self._on_frame, self._on_channel_close, loop=self._loop, raw=True
         )
-        self._loop.add_reader(self._proc.sentinel, self._on_sentinel)
+        self._proc.watch(self._loop, self._on_exited)
         self._send(init_payload, init_fds)
 
     def _send(self, payload: bytes, fds: list[int]) -> None:
@@ -588,8 +572,8 @@ class Worker:
         else:
             self._exit_waiters.append(fut)
 
-    def _exited_error(self, when: str = "") -> WorkerError:
-        return WorkerError(
+    def _exited_error(self, when: str = "") -> WorkerProcessError:
+        return WorkerProcessError(
             f"worker {self._pid} exited with code {self._exit_code}{when}",
             exit_code=self._exit_code,
         )
@@ -599,7 +583,7 @@ class Worker:
             frame = _decode(payload, fds)
         except Exception as exc:
             self._on_error(
-                WorkerError(
+                WorkerProcessError(
                     f"a message from worker {self._pid} could not be unpickled here ({exc!r}); "
                     "is its class importable in the parent?"
                 )
@@ -622,7 +606,7 @@ class Worker:
             with contextlib.suppress(Exception):
                 exc = pickle.loads(blob)
         if not isinstance(exc, BaseException):
-            exc = WorkerError(f"worker {self._pid} raised {type_name}: {text}")
+            exc = WorkerProcessError(f"worker {self._pid} raised {type_name}: {text}")
         exc.__cause__ = RemoteTraceback(tb)
         return exc
 
@@ -647,16 +631,8 @@ class Worker:
         self._eof = True
         self._finish()
 
-    def _on_sentinel(self) -> None:
-        self._loop.remove_reader(self._proc.sentinel)
-        self._reap()
-
-    def _reap(self) -> None:
-        code = self._proc.exitcode
-        if code is None:
-            self._loop.call_later(_REAP_POLL_S, self._reap)
-            return
-        self._exit_code = code
+    def _on_exited(self, code: int | None) -> None:
+        self._exit_code = code if code is not None else -1
         if not self._eof:
             self._eof_timer = self._loop.call_later(_EOF_GRACE_S, self._give_up_on_eof)
         self._finish()
@@ -675,10 +651,9 @@ class Worker:
             self._eof_timer.cancel()
         if self._channel is not None:
             self._channel.close()
-        _PARENT_ENDS.discard(self._parent_end)
+        forget_parent_end(self._parent_fd)
         self._parent_end.close()
         _LIVE.discard(self)
-        self._proc.close()
         self._exited.set()
         waiters, self._message_waiters = self._message_waiters, []
         for fut in waiters:
@@ -739,8 +714,7 @@ def _kill_live_workers() -> None:
     # first: multiprocessing would otherwise join our workers and hold the exit up.
     for worker in list(_LIVE):
         with contextlib.suppress(Exception):
-            worker._proc.kill()
-            worker._proc.join(_ATEXIT_REAP_S)
+            worker._proc.reap_now(_ATEXIT_REAP_S)
 
 
 class _LoopEvents(EventEmitter):

@@ -1,4 +1,4 @@
-"""Worker targets for test_messaging_worker: importable, so every start method finds them."""
+"""Worker targets for tests/worker: importable, so a target given by path is found."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 import time
 from typing import Any
 
-from allcores.pool.messaging_worker import ParentPort
+from allcores.worker import ParentPort
 
 
 def sum_to(parent_port: ParentPort, worker_data: dict[str, int]) -> None:

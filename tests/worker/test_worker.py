@@ -16,10 +16,10 @@ from typing import Any
 import psutil
 import pytest
 
-from allcores.pool.messaging_worker import RemoteTraceback, Worker, WorkerError
 from allcores.shm import SharedArray
+from allcores.worker import RemoteTraceback, Worker, WorkerProcessError
 from tests.conftest import Processes, wait_until
-from tests.pool.worker_targets import (
+from tests.worker.worker_targets import (
     echo_until_stop,
     exit_with,
     fail,
@@ -98,7 +98,7 @@ async def test_sys_exit_sets_the_exit_code_without_an_error() -> None:
     errors: list[BaseException] = []
     worker = Worker(exit_with, worker_data=3)
     worker.on("error", errors.append)
-    with pytest.raises(WorkerError, match="exited with code 3") as raised:
+    with pytest.raises(WorkerProcessError, match="exited with code 3") as raised:
         await worker.wait_message()
     assert raised.value.exit_code == 3
     assert await worker.wait_exit() == 3
@@ -135,7 +135,7 @@ async def test_shared_arrays_in_worker_data_and_messages_are_shared_not_copied()
 
 async def test_lambdas_and_import_paths_are_targets() -> None:
     doubled = Worker(lambda port, data: port.post_message(data * 2), worker_data=21)
-    by_path = Worker("tests.pool.worker_targets:sum_to", worker_data={"num": 5})
+    by_path = Worker("tests.worker.worker_targets:sum_to", worker_data={"num": 5})
     assert await doubled.wait_message() == 42
     assert await by_path.wait_message() == 10
     assert (await doubled.wait_exit(), await by_path.wait_exit()) == (0, 0)
@@ -149,18 +149,18 @@ async def test_a_target_that_cannot_be_imported_is_an_error_event() -> None:
 
 
 async def test_bad_input_is_refused_with_what_to_do() -> None:
-    with pytest.raises(WorkerError, match="worker_data cannot be pickled"):
+    with pytest.raises(WorkerProcessError, match="worker_data cannot be pickled"):
         Worker(sum_to, worker_data=threading.Lock())
-    with pytest.raises(WorkerError, match=r"'package\.module:function'"):
+    with pytest.raises(WorkerProcessError, match=r"'package\.module:function'"):
         Worker("sum_to")
-    with pytest.raises(WorkerError, match="a function or 'module:function'"):
+    with pytest.raises(WorkerProcessError, match="a function or 'module:function'"):
         Worker(42)  # type: ignore[arg-type]
     worker = Worker(receive_and_double)
-    with pytest.raises(WorkerError, match="message cannot be pickled"):
+    with pytest.raises(WorkerProcessError, match="message cannot be pickled"):
         worker.post_message(lambda: None)
-    with pytest.raises(WorkerError, match="no 'close' event"):
+    with pytest.raises(WorkerProcessError, match="no 'close' event"):
         worker.on("close", print)  # type: ignore[arg-type]
-    with pytest.raises(WorkerError, match="wait_exit"):
+    with pytest.raises(WorkerProcessError, match="wait_exit"):
         worker.join()
     worker.post_message(None)
     assert await worker.wait_exit() == 0
@@ -177,7 +177,7 @@ async def test_exit_waits_for_messages_still_on_their_way() -> None:
         await asyncio.sleep(0.005)
     assert await worker.wait_message() == "late"
     assert await worker.wait_exit() == 0
-    with pytest.raises(WorkerError, match="exited with code 0 before sending a message"):
+    with pytest.raises(WorkerProcessError, match="exited with code 0 before sending a message"):
         await worker.wait_message()
 
 
@@ -226,15 +226,15 @@ PARENT = """
 import asyncio, sys, threading, time
 if sys.argv[1] == "threaded":  # a second thread: the Worker starts through forkserver
     threading.Thread(target=time.sleep, args=(1000,), daemon=True).start()
-from allcores.pool.messaging_worker import Worker
+from allcores.worker import Worker
 
 async def main():
-    worker = Worker("tests.pool.worker_targets:sleep_forever")
+    worker = Worker("tests.worker.worker_targets:sleep_forever")
     print(await worker.wait_message(), flush=True)
     await asyncio.sleep(1000)
 
 if sys.argv[1] == "no-loop":  # forked before the private event thread starts
-    worker = Worker("tests.pool.worker_targets:sleep_forever")
+    worker = Worker("tests.worker.worker_targets:sleep_forever")
     worker.on("message", lambda pid: print(pid, flush=True))
     worker.join()
 else:
@@ -254,10 +254,10 @@ def test_sigkill_of_the_parent_leaves_no_worker(processes: Processes, mode: str)
     parent = processes.python("-c", PARENT, mode, stdout=subprocess.PIPE)
     assert parent.stdout is not None
     worker_pid = int(parent.stdout.readline())
-    helpers = processes.remember_children(parent)  # the worker, and any forkserver
+    helpers = processes.remember_children(parent)
     processes.descendants.add(worker_pid)
-    # Forked by the parent itself while it has one thread, else by the forkserver.
-    assert (psutil.Process(worker_pid).ppid() == parent.pid) == (mode != "threaded")
+    # Forked by the parent itself, threads or not: never by a forkserver.
+    assert psutil.Process(worker_pid).ppid() == parent.pid
 
     parent.kill()
     assert parent.wait() == -9
