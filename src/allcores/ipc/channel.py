@@ -216,10 +216,6 @@ class _FrameReader:
             raise ChannelError(f"corrupt frame: announces {n} fds but {len(self.fds)} arrived")
         return [self.fds.popleft() for _ in range(n)]
 
-    def missing(self) -> int:
-        """How many bytes the current big frame still needs (0 when none is open)."""
-        return 0 if self.big is None else len(self.big) - self.big_filled
-
     def mid_frame(self) -> bool:
         return self.big is not None or len(self.buf) > self.pos
 
