@@ -1,6 +1,6 @@
 """The primary: starts workers, owns the listening sockets, supervises.
 
-Who sends what to whom (one channel per worker, see `allcores.ipc.channel`)::
+Who sends what to whom (one channel per worker, see `allcores.ipc`)::
 
     primary (one asyncio loop, main thread)            worker k (runs the program again)
     ───────────────────────────────────────            ───────────────────────────────
@@ -47,7 +47,9 @@ from allcores.cluster.listeners import Address, bind_listener
 from allcores.cluster.settings import ClusterSettings
 from allcores.errors import AllcoresError, ChannelError
 from allcores.events import EventEmitter
-from allcores.ipc.channel import AsyncChannel, channel_pair, read_unread
+from allcores.ipc.async_channel import AsyncChannel
+from allcores.ipc.channel import channel_pair
+from allcores.ipc.frames import read_unread
 from allcores.observe.scoreboard import Row, RowState, Scoreboard
 
 __all__ = ["ENV_CHANNEL_FD", "ENV_SCOREBOARD", "ENV_WORKER_ID", "Primary", "Worker"]

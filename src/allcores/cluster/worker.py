@@ -33,7 +33,8 @@ from allcores._system import die_with_parent
 from allcores.cluster.listeners import Address
 from allcores.errors import AllcoresError, ChannelError
 from allcores.events import EventEmitter
-from allcores.ipc.channel import AsyncChannel, Channel
+from allcores.ipc.async_channel import AsyncChannel
+from allcores.ipc.channel import Channel
 from allcores.observe.looplag import LoopMonitor
 from allcores.observe.scoreboard import Row, RowState, Scoreboard
 

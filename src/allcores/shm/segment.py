@@ -190,11 +190,5 @@ class _FdHandle:
             ) from exc
 
 
-def open_handle(handle: Any) -> int:
-    if not isinstance(handle, _FdHandle):
-        raise SegmentError(f"not a shared-memory handle: {handle!r}")
-    return handle.open()
-
-
 def _rebuild_segment(handle: _FdHandle, size: int) -> Segment:
     return Segment.attach(handle.open(), size)
