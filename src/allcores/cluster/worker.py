@@ -26,7 +26,7 @@ import os
 import socket
 import threading
 import types
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from allcores._system import die_with_parent
@@ -119,6 +119,8 @@ class WorkerRuntime(EventEmitter):
         self._retired: dict[tuple[Any, ...], ProtocolFactory] = {}
         self._all_closed: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
+        # The loop holds only weak references to tasks: these keep them until done.
+        self._tasks: set[asyncio.Task[Any]] = set()
         self.disconnecting = False
         self._blocking.send({"t": "online"})
 
@@ -215,7 +217,7 @@ class WorkerRuntime(EventEmitter):
             for fd in fds:
                 os.close(fd)
             if self._loop is not None:
-                self._loop.create_task(self._drain(float(obj.get("timeout", 30.0))))
+                self._start(self._drain(float(obj.get("timeout", 30.0))))
             else:
                 os._exit(0)
         else:
@@ -360,8 +362,16 @@ class WorkerRuntime(EventEmitter):
                 self._early.setdefault(key, []).append(fds[0])
             return
         sock = socket.socket(fileno=fds[0])
-        task = self._loop.create_task(self._loop.connect_accepted_socket(factory, sock))
+        task = self._start(self._loop.connect_accepted_socket(factory, sock))
         task.add_done_callback(self._takeover_done)
+
+    def _start(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """A task on the worker's loop, kept until it is done."""
+        assert self._loop is not None
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     def _bounce(self, key: tuple[Any, ...], fd: int) -> None:
         try:
@@ -411,7 +421,7 @@ class WorkerRuntime(EventEmitter):
                 self._blocking.send({"t": "bye"})
             self._blocking.close()
             return
-        self._loop.create_task(self._drain(30.0, tell_primary=True))
+        self._start(self._drain(30.0, tell_primary=True))
 
     async def _drain(self, timeout: float, tell_primary: bool = False) -> None:
         if self.disconnecting:
