@@ -6,9 +6,9 @@ parent-death signal, and tells the primary it is online. The first async call
 (`start_server`, `listen`, `on("message")` inside a loop) binds the channel to the
 running event loop, which from then on reads it directly and beats the heartbeat.
 
-How a connection reaches the app (see `allcores.cluster.primary` for the rest)::
+How a connection reaches the app (`allcores.cluster.messages` has every message)::
 
-    balanced / rr:      primary accept() ─ {"t": "conn"} + fd ─► _on_conn
+    balanced / rr:      primary accept() ─ CONN {key} + fd ─► _on_conn
                         └─ loop.connect_accepted_socket(protocol_factory, sock)
     shared / reuseport: primary's socket ─ fd once ─► loop.create_server(sock=...)
                         └─ this worker's loop accepts
@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from allcores._system import die_with_parent
+from allcores.cluster import messages
 from allcores.cluster.listeners import Address
 from allcores.errors import AllcoresError, ChannelError
 from allcores.events import EventEmitter
@@ -122,7 +123,7 @@ class WorkerRuntime(EventEmitter):
         # The loop holds only weak references to tasks: these keep them until done.
         self._tasks: set[asyncio.Task[Any]] = set()
         self.disconnecting = False
-        self._blocking.send({"t": "online"})
+        self._blocking.send({"t": messages.ONLINE})
 
     @property
     def process(self) -> types.SimpleNamespace:
@@ -181,7 +182,7 @@ class WorkerRuntime(EventEmitter):
     def send(self, message: Any, handle: socket.socket | int | None = None) -> bool:
         """Send *message* to the primary (its ``message`` event), optionally with a socket."""
         fds = [] if handle is None else [handle if isinstance(handle, int) else handle.fileno()]
-        frame = {"t": "msg", "data": message}
+        frame = {"t": messages.MSG, "data": message}
         try:
             if self._channel is not None:
                 self._channel.send(frame, fds)
@@ -198,22 +199,22 @@ class WorkerRuntime(EventEmitter):
             os._exit(1)
 
     def _on_message(self, obj: Any, fds: list[int]) -> None:
-        kind = obj.get("t") if isinstance(obj, dict) else None
-        if kind == "conn":
+        kind = messages.kind_of(obj)
+        if kind == messages.CONN:
             self._on_conn(tuple(obj["key"]), fds)
-        elif kind == "listening":
+        elif kind == messages.LISTENING:
             future = self._requests.pop(obj.get("req", -1), None)
             if future is not None and not future.done():
                 future.set_result({**obj, "fds": fds})
             else:
                 for fd in fds:
                     os.close(fd)
-        elif kind == "msg":
+        elif kind == messages.MSG:
             handle = socket.socket(fileno=fds[0]) if fds else None
             for extra in fds[1:]:
                 os.close(extra)
             self.emit("message", obj.get("data"), handle)
-        elif kind == "disconnect":
+        elif kind == messages.DISCONNECT:
             for fd in fds:
                 os.close(fd)
             if self._loop is not None:
@@ -238,7 +239,7 @@ class WorkerRuntime(EventEmitter):
         self._requests[req] = future
         assert self._channel is not None
         self._channel.send(
-            {"t": "listen", "host": host, "port": port, "backlog": backlog, "req": req}
+            {"t": messages.LISTEN, "host": host, "port": port, "backlog": backlog, "req": req}
         )
         reply = await future
         if "error" in reply:
@@ -301,7 +302,7 @@ class WorkerRuntime(EventEmitter):
             )
         if not reply["fds"]:
             if self._channel is not None:
-                self._channel.send({"t": "unlisten", "key": reply["key"]})
+                self._channel.send({"t": messages.UNLISTEN, "key": reply["key"]})
             raise WorkerError(
                 f"cluster.listen() needs a socket the worker accepts on itself, which policy "
                 f"{reply['policy']!r} does not give (the primary accepts); use "
@@ -377,7 +378,7 @@ class WorkerRuntime(EventEmitter):
         try:
             if self._channel is None or self._channel.closed:
                 raise ChannelError("channel closed")
-            self._channel.send({"t": "conn-back", "key": list(key)}, [fd])
+            self._channel.send({"t": messages.CONN_BACK, "key": list(key)}, [fd])
         except ChannelError:
             pass
         finally:
@@ -406,7 +407,7 @@ class WorkerRuntime(EventEmitter):
                 del self._servers[key]
                 self._retired[key] = factory
                 if self._channel is not None and not self._channel.closed:
-                    self._channel.send({"t": "unlisten", "key": list(key)})
+                    self._channel.send({"t": messages.UNLISTEN, "key": list(key)})
 
     # -- disconnect ---------------------------------------------------------------
 
@@ -417,8 +418,8 @@ class WorkerRuntime(EventEmitter):
             self.exited_after_disconnect = True
             self.disconnecting = True
             with contextlib.suppress(ChannelError):
-                self._blocking.send({"t": "disconnecting"})
-                self._blocking.send({"t": "bye"})
+                self._blocking.send({"t": messages.DISCONNECTING})
+                self._blocking.send({"t": messages.BYE})
             self._blocking.close()
             return
         self._start(self._drain(30.0, tell_primary=True))
@@ -434,7 +435,7 @@ class WorkerRuntime(EventEmitter):
                 future.set_result({"stopping": True, "fds": []})
         self._requests.clear()
         if tell_primary and self._channel is not None:
-            self._channel.send({"t": "disconnecting"})
+            self._channel.send({"t": messages.DISCONNECTING})
         servers = [server for server, _factory in self._servers.values()]
         for server in servers:
             server.close()
@@ -460,7 +461,7 @@ class WorkerRuntime(EventEmitter):
         if self._monitor is not None:
             self._monitor.stop()
         if self._channel is not None:
-            self._channel.send({"t": "bye"})
+            self._channel.send({"t": messages.BYE})
             self._channel.close(flush=True)
 
 
