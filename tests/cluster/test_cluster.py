@@ -283,6 +283,9 @@ def test_connections_a_dead_worker_never_took_go_to_its_successor(start_cluster)
     for client in clients:
         client.join(40)
     doomed.join(40)
+    # The primary hands the held connections over before it reports the successor
+    # listening, so its answers can be here before that event line is read.
+    run.wait_for("listening", count=2)
     (successor,) = run.worker_pids()
     assert successor != victim
     assert answers == [str(successor)] * 3
