@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import functools
@@ -14,9 +15,11 @@ __all__ = [
     "available_cpus",
     "die_with_parent",
     "libc_prctl",
+    "new_event_loop",
     "os_thread_count",
     "raise_fd_limit",
     "release_forkserver",
+    "signal_name",
 ]
 
 _PR_SET_PDEATHSIG = 1
@@ -101,3 +104,23 @@ def raise_fd_limit() -> None:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if hard == resource.RLIM_INFINITY or soft < hard:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def signal_name(signum: int) -> str:
+    """``"SIGKILL"`` for 9: how a child's death is reported to people."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """A new event loop, uvloop's where it is installed: a loop that passes file
+    descriptors or results between processes wakes once per item, and uvloop makes
+    each wake-up cheaper."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop

@@ -84,6 +84,13 @@ def primary() -> int:
             worker.send("after")
 
         cluster.on("listening", send_twice)
+    if os.environ.get("APP_DISCONNECT_ALL") == "1":
+
+        def disconnect_when_all_listen(worker: cluster.Worker, address: Any) -> None:
+            if sum(w.state == "listening" for w in cluster.workers.values()) == WORKERS:
+                cluster.disconnect(lambda: say(event="all-gone"))
+
+        cluster.on("listening", disconnect_when_all_listen)
     for _ in range(WORKERS):
         cluster.fork()
     code = cluster.run()

@@ -213,6 +213,15 @@ def test_worker_disconnect_is_a_planned_exit(start_cluster) -> None:  # type: ig
     assert {int(http_get(run.port)) for _ in range(4)} == run.worker_pids()
 
 
+def test_disconnect_calls_back_once_every_worker_is_gone(start_cluster) -> None:  # type: ignore[no-untyped-def]
+    run = start_cluster(workers=2, APP_DISCONNECT_ALL="1")
+    assert run.wait_exit() == 0
+    run.wait_for("primary-exit", code=0)  # the primary's last line: every other is read
+    kinds = [e["event"] for e in run.events if e["event"] in ("exit", "all-gone")]
+    assert kinds == ["exit", "exit", "all-gone"]
+    assert all(e["planned"] for e in run.find("exit"))
+
+
 def test_a_crash_after_boot_is_told_apart_from_a_boot_failure(start_cluster) -> None:  # type: ignore[no-untyped-def]
     run = start_cluster(workers=1, APP_RESPAWN="1")
     with contextlib.suppress(Exception):
@@ -283,6 +292,9 @@ def test_connections_a_dead_worker_never_took_go_to_its_successor(start_cluster)
     for client in clients:
         client.join(40)
     doomed.join(40)
+    # The primary hands the held connections over before it reports the successor
+    # listening, so its answers can be here before that event line is read.
+    run.wait_for("listening", count=2)
     (successor,) = run.worker_pids()
     assert successor != victim
     assert answers == [str(successor)] * 3

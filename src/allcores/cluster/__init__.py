@@ -29,17 +29,11 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+from allcores.cluster.handle import Worker
 from allcores.cluster.listeners import Address, BindError
-from allcores.cluster.primary import (
-    ENV_CHANNEL_FD,
-    ENV_PRIMARY_PID,
-    ENV_SCOREBOARD,
-    ENV_WORKER_ID,
-    ClusterError,
-    Primary,
-    Worker,
-)
+from allcores.cluster.primary import ClusterError, Primary
 from allcores.cluster.settings import POLICIES, ClusterSettings, SettingsError
+from allcores.cluster.spawn import ENV_CHANNEL_FD, ENV_PRIMARY_PID, ENV_SCOREBOARD, ENV_WORKER_ID
 from allcores.cluster.worker import ClusterServer, StreamHandler, WorkerError, WorkerRuntime
 
 __all__ = [

@@ -6,9 +6,9 @@ parent-death signal, and tells the primary it is online. The first async call
 (`start_server`, `listen`, `on("message")` inside a loop) binds the channel to the
 running event loop, which from then on reads it directly and beats the heartbeat.
 
-How a connection reaches the app (see `allcores.cluster.primary` for the rest)::
+How a connection reaches the app (`allcores.cluster.messages` has every message)::
 
-    balanced / rr:      primary accept() ─ {"t": "conn"} + fd ─► _on_conn
+    balanced / rr:      primary accept() ─ CONN {key} + fd ─► _on_conn
                         └─ loop.connect_accepted_socket(protocol_factory, sock)
     shared / reuseport: primary's socket ─ fd once ─► loop.create_server(sock=...)
                         └─ this worker's loop accepts
@@ -26,10 +26,11 @@ import os
 import socket
 import threading
 import types
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from allcores._system import die_with_parent
+from allcores.cluster import messages
 from allcores.cluster.listeners import Address
 from allcores.errors import AllcoresError, ChannelError
 from allcores.events import EventEmitter
@@ -120,8 +121,10 @@ class WorkerRuntime(EventEmitter):
         self._retired: dict[tuple[Any, ...], ProtocolFactory] = {}
         self._all_closed: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
+        # The loop holds only weak references to tasks: these keep them until done.
+        self._tasks: set[asyncio.Task[Any]] = set()
         self.disconnecting = False
-        self._blocking.send({"t": "online"})
+        self._blocking.send({"t": messages.ONLINE})
 
     @property
     def process(self) -> types.SimpleNamespace:
@@ -180,7 +183,7 @@ class WorkerRuntime(EventEmitter):
     def send(self, message: Any, handle: socket.socket | int | None = None) -> bool:
         """Send *message* to the primary (its ``message`` event), optionally with a socket."""
         fds = [] if handle is None else [handle if isinstance(handle, int) else handle.fileno()]
-        frame = {"t": "msg", "data": message}
+        frame = {"t": messages.MSG, "data": message}
         try:
             if self._channel is not None:
                 self._channel.send(frame, fds)
@@ -197,26 +200,26 @@ class WorkerRuntime(EventEmitter):
             os._exit(1)
 
     def _on_message(self, obj: Any, fds: list[int]) -> None:
-        kind = obj.get("t") if isinstance(obj, dict) else None
-        if kind == "conn":
+        kind = messages.kind_of(obj)
+        if kind == messages.CONN:
             self._on_conn(tuple(obj["key"]), fds)
-        elif kind == "listening":
+        elif kind == messages.LISTENING:
             future = self._requests.pop(obj.get("req", -1), None)
             if future is not None and not future.done():
                 future.set_result({**obj, "fds": fds})
             else:
                 for fd in fds:
                     os.close(fd)
-        elif kind == "msg":
+        elif kind == messages.MSG:
             handle = socket.socket(fileno=fds[0]) if fds else None
             for extra in fds[1:]:
                 os.close(extra)
             self.emit("message", obj.get("data"), handle)
-        elif kind == "disconnect":
+        elif kind == messages.DISCONNECT:
             for fd in fds:
                 os.close(fd)
             if self._loop is not None:
-                self._loop.create_task(self._drain(float(obj.get("timeout", 30.0))))
+                self._start(self._drain(float(obj.get("timeout", 30.0))))
             else:
                 os._exit(0)
         else:
@@ -237,7 +240,7 @@ class WorkerRuntime(EventEmitter):
         self._requests[req] = future
         assert self._channel is not None
         self._channel.send(
-            {"t": "listen", "host": host, "port": port, "backlog": backlog, "req": req}
+            {"t": messages.LISTEN, "host": host, "port": port, "backlog": backlog, "req": req}
         )
         reply = await future
         if "error" in reply:
@@ -300,7 +303,7 @@ class WorkerRuntime(EventEmitter):
             )
         if not reply["fds"]:
             if self._channel is not None:
-                self._channel.send({"t": "unlisten", "key": reply["key"]})
+                self._channel.send({"t": messages.UNLISTEN, "key": reply["key"]})
             raise WorkerError(
                 f"cluster.listen() needs a socket the worker accepts on itself, which policy "
                 f"{reply['policy']!r} does not give (the primary accepts); use "
@@ -361,14 +364,22 @@ class WorkerRuntime(EventEmitter):
                 self._early.setdefault(key, []).append(fds[0])
             return
         sock = socket.socket(fileno=fds[0])
-        task = self._loop.create_task(self._loop.connect_accepted_socket(factory, sock))
+        task = self._start(self._loop.connect_accepted_socket(factory, sock))
         task.add_done_callback(self._takeover_done)
+
+    def _start(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """A task on the worker's loop, kept until it is done."""
+        assert self._loop is not None
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     def _bounce(self, key: tuple[Any, ...], fd: int) -> None:
         try:
             if self._channel is None or self._channel.closed:
                 raise ChannelError("channel closed")
-            self._channel.send({"t": "conn-back", "key": list(key)}, [fd])
+            self._channel.send({"t": messages.CONN_BACK, "key": list(key)}, [fd])
         except ChannelError:
             pass
         finally:
@@ -397,7 +408,7 @@ class WorkerRuntime(EventEmitter):
                 del self._servers[key]
                 self._retired[key] = factory
                 if self._channel is not None and not self._channel.closed:
-                    self._channel.send({"t": "unlisten", "key": list(key)})
+                    self._channel.send({"t": messages.UNLISTEN, "key": list(key)})
 
     # -- disconnect ---------------------------------------------------------------
 
@@ -408,11 +419,11 @@ class WorkerRuntime(EventEmitter):
             self.exited_after_disconnect = True
             self.disconnecting = True
             with contextlib.suppress(ChannelError):
-                self._blocking.send({"t": "disconnecting"})
-                self._blocking.send({"t": "bye"})
+                self._blocking.send({"t": messages.DISCONNECTING})
+                self._blocking.send({"t": messages.BYE})
             self._blocking.close()
             return
-        self._loop.create_task(self._drain(30.0, tell_primary=True))
+        self._start(self._drain(30.0, tell_primary=True))
 
     async def _drain(self, timeout: float, tell_primary: bool = False) -> None:
         if self.disconnecting:
@@ -425,7 +436,7 @@ class WorkerRuntime(EventEmitter):
                 future.set_result({"stopping": True, "fds": []})
         self._requests.clear()
         if tell_primary and self._channel is not None:
-            self._channel.send({"t": "disconnecting"})
+            self._channel.send({"t": messages.DISCONNECTING})
         servers = [server for server, _factory in self._servers.values()]
         for server in servers:
             server.close()
@@ -451,7 +462,7 @@ class WorkerRuntime(EventEmitter):
         if self._monitor is not None:
             self._monitor.stop()
         if self._channel is not None:
-            self._channel.send({"t": "bye"})
+            self._channel.send({"t": messages.BYE})
             self._channel.close(flush=True)
 
 
