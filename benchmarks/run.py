@@ -4,6 +4,7 @@
     python benchmarks/run.py http --runs 5 --duration 10 hello world: uvicorn, gunicorn, allcores
     python benchmarks/run.py pool --repeats 3            PPE, loky, pebble, anyio, allcores
     python benchmarks/run.py seed --runs 3               the seed's /cpu-versus-/ experiment
+    python benchmarks/run.py import --runs 30            import allcores vs concurrent.futures
     python benchmarks/run.py pool --quick                tiny settings: proves the harness runs
     python benchmarks/run.py report results/pool-….json  the tables again, from the samples
 
@@ -27,6 +28,7 @@ from typing import Any
 # folder first on sys.path.
 import bench_env
 import bench_http
+import bench_import
 import bench_pool
 import bench_seed
 
@@ -87,6 +89,10 @@ def _parser() -> argparse.ArgumentParser:
     seed.add_argument("--duration", type=int, default=10)
     seed.add_argument("--warmup", type=int, default=2)
     seed.add_argument("--variants", default=",".join(bench_seed.VARIANTS))
+    imports = sub.add_parser("import", help="import cost, fresh interpreters, best of N")
+    imports.add_argument("--runs", type=int, default=30, help="interpreters per statement")
+    imports.add_argument("--quick", action="store_true", help="tiny settings, for a smoke test")
+    imports.add_argument("--out", type=Path, help="JSON result path (default benchmarks/results/)")
     return parser
 
 
@@ -134,7 +140,11 @@ def report(path: Path, write: bool) -> str:
     """Recompute summary and goals from a result file's samples, and render its tables."""
     result = json.loads(path.read_text())
     settings, samples = result["settings"], result["samples"]
-    if result["benchmark"] == "http":
+    if result["benchmark"] == "import":
+        result["summary"] = bench_import.summaries(samples)
+        result["goals"] = bench_import.goals(result["summary"])
+        text = bench_import.render(result)
+    elif result["benchmark"] == "http":
         result["summary"] = bench_http.summaries(samples, settings["servers"])
         result["goals"] = bench_http.goals(result["summary"])
         text = bench_http.render(result)
@@ -160,6 +170,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "setup":
         print(bench_env.ensure_anchors_venv())
         print(bench_env.ensure_wrk() or "wrk could not be installed")
+        return
+    if args.command == "import":
+        # The anchor is the stdlib, in the project's interpreter: no anchors' venv.
+        runs = QUICK["runs"] if args.quick else args.runs
+        result = bench_import.run_import_benchmark(bench_env.project_python(), runs)
+        result["summary"] = bench_import.summaries(result["samples"])
+        result["goals"] = bench_import.goals(result["summary"])
+        env = bench_env.describe_environment(None, None)
+        _finish("import", args, result, bench_import.render(result), env)
         return
     anchors = _anchors(args)
     project = bench_env.project_python()

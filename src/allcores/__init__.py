@@ -15,13 +15,17 @@ pool's (it matters for start-up: see docs/PERFORMANCE.md).
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
 
-from allcores._system import available_cpus
 from allcores.errors import AllcoresError
 
+# Not `from typing import TYPE_CHECKING`: typing (and the re it imports) would be most
+# of what `import allcores` costs. Type checkers read any name TYPE_CHECKING as True.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from allcores import cluster
+    from allcores._system import available_cpus
     from allcores.pool import (
         InitializerError,
         Pool,
@@ -56,6 +60,7 @@ __all__ = [
 __version__ = "0.1.0"
 
 _LAZY = {
+    "available_cpus": ("allcores._system", "available_cpus"),
     "cluster": ("allcores.cluster", None),
     "InitializerError": ("allcores.pool", "InitializerError"),
     "Pool": ("allcores.pool", "Pool"),

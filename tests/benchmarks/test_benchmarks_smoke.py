@@ -101,3 +101,22 @@ def test_seed_part_runs_the_pool_variant(tmp_path: Path) -> None:
     assert ppe["skipped"] is None and ppe["errors"] == []
     assert ppe["hello_rps"]["median"] > 0 and ppe["cpu_rps"]["median"] > 0
     assert "allcores-serve" in result["summary"]
+
+
+def test_import_part_times_every_statement(tmp_path: Path) -> None:
+    out = tmp_path / "import.json"
+    proc = subprocess.run(
+        [sys.executable, str(RUN), "import", "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+        cwd=ROOT,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert COMMON_KEYS | {"summary", "goals"} <= result.keys()
+    summary = result["summary"]
+    assert {"import allcores", "from allcores import Pool"} <= summary.keys()
+    assert all(s["errors"] == [] and s["min"] > 0 for s in summary.values())
+    assert summary["import concurrent.futures.process"]["best_vs_anchor"] == 1.0
