@@ -105,30 +105,6 @@ class PoolExecutorTest(cases.ProcessPoolExecutorTest, cases.ExecutorMixin):
     # Adapted: the worker's traceback comes as Pool's public RemoteTraceback
     # (CPython's is the private concurrent.futures.process._RemoteTraceback).
     remote_traceback_type = RemoteTraceback
-    # Adapted: a collected object goes within milliseconds, a stale one stays (see
-    # the bug below); 2 s tells them apart without CPython's 30 s per failure.
-    stale_reference_timeout = 2.0
-
-    test_max_workers_negative = bug(
-        "Pool(max_workers=0) says 'max_workers must be at least 1, got 0', not "
-        "concurrent.futures' 'max_workers must be greater than 0' (PoolSettings.build)",
-        cases.ExecutorTest.test_max_workers_negative,
-    )
-    test_no_stale_references = bug(
-        "a task the sweep takes over (nobody waits on its future) stays in "
-        "_Worker.suspects, with its callable and arguments, until the worker's SYNCED is "
-        "read, which the loop stops doing once the worker is idle (_make_idle): until "
-        "that worker's next task. Racy (the SYNCED may come in the same read as the "
-        "reply), hence not strict",
-        cases.ExecutorTest.test_no_stale_references,
-        strict=False,
-    )
-    test_map_chunksize = bug(
-        "map(chunksize=-1) raises ValueError in MapIterator.__init__ before _closed is "
-        "set, and MapIterator.__del__ then fails (AttributeError: _closed), an "
-        "unraisable exception",
-        cases.ProcessPoolExecutorTest.test_map_chunksize,
-    )
     test_killed_child = by_design(
         "a killed worker fails only its task (WorkerCrashedError) and is replaced; "
         "the pool does not break (BrokenProcessPool); and it reads _processes"

@@ -42,12 +42,9 @@ class WorkerCrashedError(PoolError):
         """The name of the signal that killed the worker (``"SIGKILL"``), if one did."""
         if self.exitcode is None or self.exitcode >= 0:
             return None
-        import signal
+        from allcores._system import signal_name
 
-        try:
-            return signal.Signals(-self.exitcode).name
-        except ValueError:
-            return f"signal {-self.exitcode}"
+        return signal_name(-self.exitcode)
 
     def __str__(self) -> str:
         if self.signal_name is not None:

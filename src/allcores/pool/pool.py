@@ -51,7 +51,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator
 from typing import Any, Literal, TypeVar
 
-from allcores._system import available_cpus
+from allcores._system import available_cpus, new_event_loop
 from allcores.errors import ChannelError
 from allcores.ipc.channel import MAX_FDS
 from allcores.observe.scoreboard import RowState, Scoreboard
@@ -194,7 +194,8 @@ class PoolSettings:
         if max_workers is None:
             max_workers = usable_cpus()
         if max_workers < 1:
-            raise ValueError(f"max_workers must be at least 1, got {max_workers}")
+            # concurrent.futures' own words: code and tests match on them.
+            raise ValueError("max_workers must be greater than 0")
         if min_workers is None:
             # All workers start ahead: a pool exists to be used, and workers started
             # later from a threaded parent cost a forkserver start (~60 ms) each.
@@ -225,6 +226,10 @@ class PoolSettings:
             nice=nice or 0,
             start_method=start_method,
         )
+
+
+def _released(*_args: Any, **_kwargs: Any) -> None:
+    """What a settled task's ``fn`` becomes (`_Task.release`)."""
 
 
 class _Task:
@@ -280,7 +285,16 @@ class _Task:
         # The frame of the `_send_direct` call sending it, until its frame went.
         self.sender: Any = None
 
+    def release(self) -> None:
+        """Drop the callable and its arguments once the task has settled: a caller
+        that dropped the future expects them freed now, not when the pool next
+        looks at this task (CPython's test_no_stale_references)."""
+        self.fn = _released
+        self.args = ((), {})
+
     def describe(self) -> str:
+        if self.fn is _released:
+            return f"task {self.id}"
         name = getattr(self.fn, "__qualname__", None) or repr(self.fn)
         if self.chunk_len >= 0:
             return f"task {self.id} (map chunk of {self.chunk_len} items of {name})"
@@ -331,16 +345,6 @@ class _Worker:
         # The last frame a reading thread passed on to the loop (`Pool._pass_on`): by
         # identity, it tells whether a cut thread's frame reached the loop already.
         self.passed: bytes | bytearray | None = None
-
-
-def _new_event_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-
-        loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-        return loop
-    except ImportError:
-        return asyncio.new_event_loop()
 
 
 def _in_event_loop() -> bool:
@@ -662,7 +666,7 @@ class Pool(concurrent.futures.Executor):
         # result (`_bind`).
         self._spare_loop: asyncio.AbstractEventLoop | None = None
         if settings.min_workers and not self._backend.start_is_slow() and not _in_event_loop():
-            self._spare_loop = _new_event_loop()
+            self._spare_loop = new_event_loop()
         _LIVE_POOLS.add(self)
         for _ in range(settings.min_workers):
             self._spawn()
@@ -723,7 +727,7 @@ class Pool(concurrent.futures.Executor):
                     self._attach_all()
                     self._bound = True
                     return False
-                loop = spare or _new_event_loop()
+                loop = spare or new_event_loop()
                 self._loop = loop
             # The loop is given the workers' channels before its thread runs it:
             # callbacks queued meanwhile (call_soon_threadsafe) wait in it, and nothing
@@ -1127,6 +1131,7 @@ class Pool(concurrent.futures.Executor):
 
     def _settle(self, task: _Task, value: Any) -> None:
         task.state = _DONE
+        task.release()
         future = task.future
         if type(future) is _PoolFuture:
             future._task = future._pool = None
@@ -1160,6 +1165,7 @@ class Pool(concurrent.futures.Executor):
             task.timer.cancel()
             task.timer = None
         task.state = _DONE
+        task.release()
         task.packed.close()
         future = task.future
         if type(future) is _PoolFuture:
@@ -2473,6 +2479,7 @@ class MapIterator(Iterator[R], AsyncIterator[R]):
         ordered: bool,
         timeout: float | None,
     ) -> None:
+        self._closed = True  # until set up: __del__ then has nothing to close
         if chunksize is not None and chunksize < 1:
             raise ValueError("chunksize must be >= 1")
         if not iterables:

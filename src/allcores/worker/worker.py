@@ -66,7 +66,8 @@ from allcores.child.fds import forget_parent_end, register_parent_end
 from allcores.child.process import WatchedProcess
 from allcores.errors import AllcoresError, ChannelClosed, ChannelError, RemoteTraceback
 from allcores.events import EventEmitter
-from allcores.ipc.channel import AsyncChannel, Channel, channel_pair
+from allcores.ipc.async_channel import AsyncChannel
+from allcores.ipc.channel import Channel, channel_pair
 from allcores.shm.segment import fd_transfer, received_fds
 
 __all__ = ["ParentPort", "Worker", "WorkerProcessError"]

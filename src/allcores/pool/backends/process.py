@@ -38,7 +38,8 @@ from allcores.child.fds import forget_parent_end, register_parent_end
 from allcores.child.process import WatchedProcess
 from allcores.child.zygote import Zygote
 from allcores.errors import ChannelError
-from allcores.ipc.channel import AsyncChannel, Channel, channel_pair
+from allcores.ipc.async_channel import AsyncChannel
+from allcores.ipc.channel import Channel, channel_pair
 from allcores.pool._protocol import pack_setup, pack_stop
 from allcores.pool.backends import _process_worker
 from allcores.pool.backends.base import (
