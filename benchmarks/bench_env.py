@@ -27,7 +27,7 @@ APPS_DIR = BENCH_DIR / "apps"
 RESULTS_DIR = BENCH_DIR / "results"
 ANCHORS_VENV = BENCH_DIR / ".anchors-venv"
 
-# The versions of docs/PERFORMANCE.md and /work/shared/BENCHMARKS.md. anyio is pinned to
+# The versions of docs/PERFORMANCE.md and benchmarks/README.md. anyio is pinned to
 # the release current when the harness was written (2026-11-28); all are on PyPI.
 ANCHOR_PINS: dict[str, str] = {
     "gunicorn": "27.0.1",

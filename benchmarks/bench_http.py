@@ -252,7 +252,7 @@ def _median(values: list[Any]) -> float | None:
 
 
 def goals(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """BENCHMARKS.md: median ≥ 1.05x uvicorn's median and the worst run ≥ 0.95x it."""
+    """benchmarks/README.md: median ≥ 1.05x uvicorn's median and the worst run ≥ 0.95x it."""
     out = []
     for name, stats in summary.items():
         if not name.startswith("allcores-"):

@@ -68,7 +68,7 @@ LABELS = {
 }
 HIGHER_IS_BETTER = {"asyncio64", "asyncio64_uvloop", "cpu_batch"}
 
-# The sizes of BENCHMARKS.md; --quick shrinks them to prove the harness runs (~10 s).
+# The sizes of benchmarks/README.md; --quick shrinks them to prove the harness runs (~10 s).
 FULL_PARAMS: dict[str, Any] = {
     "n_tasks": 20_000,
     "n_async": 5_000,
@@ -241,7 +241,7 @@ def _median(summary: dict[str, dict[str, Any]], workload: str, pool: str) -> flo
     return float(value) if value is not None else None
 
 
-# (goal, workload, target, comparison) of BENCHMARKS.md, each against ProcessPoolExecutor.
+# (goal, workload, target, comparison) of benchmarks/README.md, each against ProcessPoolExecutor.
 _PPE_GOALS = [
     ("one by one vs ProcessPoolExecutor", "one_by_one", 0.25, "<="),
     ("asyncio, 64 in flight: tasks/s vs ProcessPoolExecutor", "asyncio64", 5.0, ">="),
@@ -259,7 +259,7 @@ def _met(value: float | None, target: float, comparison: str) -> bool | None:
 
 
 def goals(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """The targets of BENCHMARKS.md for allcores, from medians of this same run.
+    """The targets of benchmarks/README.md for allcores, from medians of this same run.
 
     ``ratio`` is allcores' median over the anchor's median; ``paired`` is the median over
     repeats of allcores' value over the anchor's value measured moments before it.

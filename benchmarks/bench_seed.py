@@ -90,7 +90,7 @@ def _argv(variant: str, port: int, s: SeedSettings) -> tuple[list[str], str]:
     if variant in ("allcores", "allcores-nice0"):
         return [s.project_python, "-m", "uvicorn", "seed_app:app", *uvicorn_flags], "allcores"
     if variant == "allcores-serve":
-        # The CLI of ARCHITECTURE.md: `allcores serve app:app --workers N --bind host:port`.
+        # The planned `allcores serve` CLI: `allcores serve app:app --workers N --bind host:port`.
         cli = str(Path(s.project_python).parent / "allcores")
         argv = [cli, "serve", "seed_app:app", "--workers", "1", "--bind", f"127.0.0.1:{port}"]
         return argv, "offload"
@@ -198,7 +198,7 @@ def summaries(
 
 
 def goals(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    """BENCHMARKS.md: vs the ProcessPoolExecutor variant, `/` p99 ≤ 0.5x, `/` req/s ≥ 1.5x,
+    """benchmarks/README.md: vs the ProcessPoolExecutor variant, `/` p99 ≤ 0.5x, `/` req/s ≥ 1.5x,
     `/cpu` req/s ≥ 1.0x (the target is for `allcores serve`; the Pool variant is shown too)."""
     ppe = summary.get("ppe")
     out = []

@@ -11,7 +11,7 @@
 Run it with the project's interpreter (.venv-3.11/bin/python): allcores runs from it,
 the anchors from benchmarks/.anchors-venv, which `setup` (or any subcommand) builds with
 pinned versions. Each command prints a table and writes JSON to benchmarks/results/
-(or to --out). The method is that of /work/shared/BENCHMARKS.md; figures and the
+(or to --out). The method is that of benchmarks/README.md; figures and the
 commands that made them are in docs/PERFORMANCE.md.
 """
 

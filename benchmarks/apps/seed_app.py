@@ -25,7 +25,7 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 MODE = os.environ.get("SEED_MODE", "inline")
-# 2,000,000 additions: about 55 ms of pure Python on this machine (BENCHMARKS.md).
+# 2,000,000 additions: about 55 ms of pure Python on this machine (benchmarks/README.md).
 CPU_LOOP_N = int(os.environ.get("SEED_CPU_N", "2000000"))
 POOL_WORKERS = 2
 
