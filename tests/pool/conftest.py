@@ -55,7 +55,7 @@ def wait_gone(pids: set[int] | list[int], timeout: float = 10.0) -> set[int]:
 def no_leftovers() -> Iterator[None]:
     before_children = child_pids()
     before_shm = shm_entries()
-    before_fds = set(fds._PARENT_ENDS)
+    before_fds = fds.open_parent_ends()
     yield
     leftover = wait_gone(child_pids() - before_children, timeout=10.0)
     assert not leftover, f"processes left behind: {leftover}"
@@ -63,9 +63,8 @@ def no_leftovers() -> Iterator[None]:
         n for n in shm_entries() - before_shm if "allcores" in n or n.startswith(("psm_", "mp-"))
     }
     assert not new_shm, f"/dev/shm entries left behind: {new_shm}"
-    # Every worker reaped: a registered fd number outliving its worker would be
-    # closed by the next forked worker, which may hold that number by then.
-    registered = set(fds._PARENT_ENDS) - before_fds
+    # Every worker's channel closed: an end left open is an fd leaked for good.
+    registered = fds.open_parent_ends() - before_fds
     assert not registered, f"worker channel fds still registered: {registered}"
 
 

@@ -66,8 +66,12 @@ def test_a_script_with_no_main_guard_runs_once(tmp_path) -> None:  # type: ignor
 
 SIGTERMED = """\
 import os, sys, time, allcores
+
+def crash():
+    os._exit(1)
+
 pool = allcores.Pool(2)
-pool.submit(os._exit, 1).exception()   # a replacement comes
+pool.submit(crash).exception()   # a replacement comes
 print(pool.submit(os.getpid).result(), flush=True)
 time.sleep(60)
 """

@@ -77,7 +77,7 @@ def test_a_worker_dying_before_ready_never_ran_its_early_task() -> None:
         import os
         from allcores.pool import InitializerError, Pool, _protocol
         from tests.pool import helpers
-        _protocol._setup = lambda endpoint, setup: os._exit(3)  # the workers inherit it
+        _protocol._setup = lambda endpoint: os._exit(3)  # the workers inherit it
         pool = Pool(1)
         try:
             pool.submit(helpers.add, 1).result(timeout=30)

@@ -40,7 +40,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from allcores._system import die_with_parent
-from allcores.child.fds import forget_parent_end, register_parent_end
+from allcores.child.fds import register_parent_end
 from allcores.errors import ChannelClosed
 from allcores.ipc.channel import Channel, channel_pair
 
@@ -94,10 +94,9 @@ class Zygote:
         self._watched: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._spawns = 0
-        # The numbers, kept: a closed socket forgets its own.
-        self._fds = (requests.fileno(), notices.fileno())
-        for fd in self._fds:
-            register_parent_end(fd)
+        self._notices_fd = notices.fileno()  # a closed socket forgets its number
+        register_parent_end(requests)
+        register_parent_end(notices)
 
     def spawn(self, sock: socket.socket, name: str) -> int:
         """Start a child that gets *sock*; returns its pid. Safe from any thread."""
@@ -154,7 +153,7 @@ class Zygote:
         loop, self._watched = self._watched, None
         if loop is not None and not loop.is_closed():
             with contextlib.suppress(ValueError, RuntimeError, OSError):
-                loop.remove_reader(self._fds[1])
+                loop.remove_reader(self._notices_fd)
 
     def close(self) -> None:
         """Kill the children still alive, end the zygote and reap it (bounded)."""
@@ -163,8 +162,6 @@ class Zygote:
                 return
             self._closed = True
             self.unwatch()
-            for fd in self._fds:
-                forget_parent_end(fd)
             self._requests.close()
             self._notices.close()
         if not _wait_for_exit(self.pid, CLOSE_TIMEOUT):
@@ -204,8 +201,8 @@ def _serve(
     # Ctrl-C reaches the whole process group; the parent decides what stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Children close these (`allcores.child.fds`): they are no business of theirs.
-    register_parent_end(requests_sock.fileno())
-    register_parent_end(notices_sock.fileno())
+    register_parent_end(requests_sock)
+    register_parent_end(notices_sock)
     requests = Channel(requests_sock)
     notices = Channel(notices_sock)
     context = multiprocessing.get_context("fork")

@@ -62,7 +62,7 @@ from typing import Any, Literal
 import cloudpickle
 
 from allcores._system import die_with_parent, release_forkserver
-from allcores.child.fds import forget_parent_end, register_parent_end
+from allcores.child.fds import register_parent_end
 from allcores.child.process import WatchedProcess
 from allcores.errors import AllcoresError, ChannelClosed, ChannelError, RemoteTraceback
 from allcores.events import EventEmitter
@@ -401,11 +401,10 @@ class Worker:
         process = multiprocessing.get_context("fork").Process(
             target=_worker_main, args=(child_end, spec, os.getpid()), name=name
         )
-        register_parent_end(parent_end.fileno())
+        register_parent_end(parent_end)
         try:
             process.start()
         except BaseException:
-            forget_parent_end(parent_end.fileno())
             parent_end.close()
             _close_fds(init_fds)
             raise
@@ -414,7 +413,6 @@ class Worker:
         self._proc = WatchedProcess(process)
         self._pid: int = process.pid or 0
         self._parent_end = parent_end
-        self._parent_fd = parent_end.fileno()  # registered; a closed socket forgets it
         _LIVE.add(self)
         # Only now, after the fork: the private loop adds a thread to this process.
         try:
@@ -652,7 +650,6 @@ class Worker:
             self._eof_timer.cancel()
         if self._channel is not None:
             self._channel.close()
-        forget_parent_end(self._parent_fd)
         self._parent_end.close()
         _LIVE.discard(self)
         self._exited.set()

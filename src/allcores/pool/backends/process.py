@@ -34,7 +34,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from allcores.child.fds import forget_parent_end, register_parent_end
+from allcores.child.fds import register_parent_end
 from allcores.child.process import WatchedProcess
 from allcores.child.zygote import Zygote
 from allcores.errors import ChannelError
@@ -107,7 +107,6 @@ class ProcessWorker(BackendWorker):
         self._child = child
         self.pid: int | None = child.pid
         self.sock = sock
-        self._fd = sock.fileno()  # registered in `allcores.child.fds`
         self._channel: AsyncChannel | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_exit: OnExit | None = None
@@ -258,7 +257,6 @@ class ProcessWorker(BackendWorker):
         if self._grace is not None:
             self._grace.cancel()
         self._child.unwatch()
-        forget_parent_end(self._fd)
         if self._channel is not None:
             self._channel.close()
         if self._on_exit is not None:
@@ -270,7 +268,6 @@ class ProcessWorker(BackendWorker):
         self._exited = True
         loop = self._loop
         self._child.reap_now()
-        forget_parent_end(self._fd)
         if self._channel is not None and loop is not None and not loop.is_closed():
             try:
                 self._channel.close()
@@ -316,7 +313,7 @@ class ProcessBackend(Backend):
         if self.start_method == "forkserver":
             _preload_worker_module()
         parent_sock, child_sock = channel_pair()
-        register_parent_end(parent_sock.fileno())
+        register_parent_end(parent_sock)
         name = f"allcores-pool-{worker_id}"
         child: _ZygoteChild | WatchedProcess
         try:
@@ -344,7 +341,6 @@ class ProcessBackend(Backend):
             finally:
                 packed.close()
         except BaseException:
-            forget_parent_end(parent_sock.fileno())
             parent_sock.close()
             raise
         parent_sock.setblocking(False)
