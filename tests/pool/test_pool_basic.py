@@ -21,7 +21,7 @@ from allcores.pool import (
     PoolClosedError,
     RemoteTraceback,
 )
-from allcores.pool.pool import PREFETCH
+from allcores.pool.scheduler import PREFETCH
 from tests.pool import helpers
 from tests.pool.conftest import wait_gone
 

@@ -7,7 +7,8 @@ import itertools
 import pytest
 
 from allcores.pool import Pool
-from allcores.pool.pool import MAP_INFLIGHT_PER_WORKER, MAX_CHUNKSIZE
+from allcores.pool.chunking import MAX_CHUNKSIZE
+from allcores.pool.map import MAP_INFLIGHT_PER_WORKER
 from tests.pool import helpers
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
