@@ -24,7 +24,7 @@ import allcores
 from allcores.ipc.channel import MAX_FDS
 from allcores.pool import Pool, ReplyLostError, WorkerCrashedError
 from allcores.pool import _protocol as proto
-from allcores.pool._serialize import pack, read_head
+from allcores.pool._serialize import dump_function, pack_call
 from allcores.shm.segment import Segment
 from tests.pool import helpers
 from tests.pool.conftest import wait_gone
@@ -235,12 +235,14 @@ def _raise_interrupted(_signum: int, _frame: object) -> None:
 
 def test_an_interrupted_wait_loses_nothing() -> None:
     # Ctrl-C in result() cuts the thread that reads the reply: the task must still
-    # complete, a later wait must get its result, and the pool must shut down.
+    # complete, a later wait must get its result, and the pool must shut down. Nothing
+    # was taken from the worker's socket, so the worker stays too.
     previous = signal.signal(signal.SIGALRM, _raise_interrupted)
     interrupted = False
     try:
         with Pool(1) as pool:
             _warm(pool)
+            (pid,) = pool.worker_pids()
             before = pool._direct_sent
             task = pool.submit(helpers.sleep_then, 0.5, "kept")
             assert pool._direct_sent - before == 1
@@ -254,6 +256,7 @@ def test_an_interrupted_wait_loses_nothing() -> None:
             assert interrupted
             assert task.result(timeout=30) == "kept"
             assert pool.submit(helpers.add, 1).result(timeout=30) == 2
+            assert pool.worker_pids() == [pid]
     finally:
         signal.signal(signal.SIGALRM, previous)
 
@@ -292,11 +295,12 @@ def test_a_reply_lost_by_a_cut_read_fails_its_task_and_nothing_else(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The interrupt lands after the reply left the socket and before the thread kept
-    # it: the loop's SYNC to the worker comes back with no reply before it, so the
-    # task fails with ReplyLostError instead of waiting forever.
+    # it: the channel knows a frame was taken, so the task fails with ReplyLostError
+    # instead of waiting forever, and the worker (whose stream is in doubt) goes.
     with Pool(1) as pool:
         _warm(pool)
         handle = _only_worker(pool).handle
+        first_pid = handle.pid
         real = handle.read_now
 
         def read_then_drop(timeout: float | None) -> object:
@@ -317,6 +321,7 @@ def test_a_reply_lost_by_a_cut_read_fails_its_task_and_nothing_else(
         assert [pool.submit(helpers.add, i).result(timeout=30) for i in range(3)] == [1, 2, 3]
         assert pool.stats().failed == 1
         assert pool.stats().crashed == 0
+        assert pool.worker_pids() != [first_pid]
 
 
 def test_a_read_cut_mid_frame_replaces_the_worker(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -370,46 +375,42 @@ def test_a_claim_left_by_a_cut_cleanup_is_given_back(monkeypatch: pytest.MonkeyP
 
 
 @pytest.mark.parametrize("posted", [False, True])
-def test_a_cut_while_passing_another_frame_on_delivers_it_once(
+def test_a_cut_while_passing_another_frame_on_never_hangs(
     monkeypatch: pytest.MonkeyPatch, posted: bool
 ) -> None:
-    # The reading thread comes across a frame that is not its reply (here a SYNCED,
-    # as an earlier cut's SYNC brings) and is cut while it passes that frame on to
-    # the loop: before it was posted, or after. The loop must take it exactly once,
-    # and the task's reply, still in the socket, must settle the task.
+    # The reading thread comes across a frame that is not its reply (here the late
+    # result of a task nobody waits for) and is cut while it passes that frame on to
+    # the loop: before it was posted, or after. The loop takes the frame (twice is
+    # harmless), and since the cut thread had taken a frame, the task fails with
+    # ReplyLostError and the worker is replaced: the pool goes on.
     with Pool(1) as pool:
         _warm(pool)
         handle = _only_worker(pool).handle
-        assert handle.send_from_thread(pack(proto.SYNC, 999_999, None).payload, [])
+        first_pid = handle.pid
+        stray = pack_call(proto.TASK, 999_999, dump_function(helpers.add), (1,), {}, None)
+        assert handle.send_from_thread(stray.payload, [])
         real_post = pool._post
-        real_on_message = pool._on_message
-        synced = []
         cuts = []
 
         def cut_post(fn: Any, *args: Any) -> None:
-            if fn == pool._pass_on and not cuts:
+            if fn == pool._on_message and not cuts:
                 cuts.append(fn)
                 if posted:
                     real_post(fn, *args)
                 raise _Interrupted
             real_post(fn, *args)
 
-        def spy(worker: Any, payload: bytes, fds: list[int]) -> None:
-            kind, _nbuf, _nuser, task_id, _seconds = read_head(payload)
-            if kind == proto.SYNCED and task_id == 999_999:
-                synced.append(task_id)
-            real_on_message(worker, payload, fds)
-
         monkeypatch.setattr(pool, "_post", cut_post)
-        monkeypatch.setattr(pool, "_on_message", spy)
         task = pool.submit(helpers.add, 41)
         with pytest.raises(_Interrupted):
             task.result(timeout=30)
         assert cuts
-        assert task.result(timeout=30) == 42
+        monkeypatch.undo()
+        with pytest.raises(ReplyLostError):
+            task.result(timeout=30)
         assert [pool.submit(helpers.add, i).result(timeout=30) for i in range(3)] == [1, 2, 3]
-        assert synced == [999_999]
-        assert pool.stats().failed == 0
+        assert pool.worker_pids() != [first_pid]
+        assert pool.stats().failed == 1
 
 
 def test_a_submit_cut_before_its_frame_went_leaves_the_pool_working(

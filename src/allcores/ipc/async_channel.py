@@ -114,6 +114,10 @@ class AsyncChannel:
         # reaching the buffer, and the stream can no longer be trusted.
         self._read_cut = False
         self._send_cut = False  # the same, for `send_now` and a frame half written
+        # Set once `read_now` takes a frame, until the borrower's next `send_now`: a
+        # thread cut meanwhile may have taken a frame and lost it before handing it
+        # on (a stream cannot say which frames it gave out).
+        self._taken = False
         self._loop.add_reader(sock.fileno(), self._on_readable)
 
     @property
@@ -286,11 +290,12 @@ class AsyncChannel:
 
     @property
     def in_doubt(self) -> bool:
-        """True when a `read_now` or `send_now` was cut (by an exception raised
-        asynchronously, such as KeyboardInterrupt) while it moved bytes between the
-        socket and its buffers: frame boundaries may be lost, in one direction or the
-        other, and the stream must not be trusted."""
-        return self._read_cut or self._send_cut
+        """True when a borrowing thread may have lost something, if it was cut (by an
+        exception raised asynchronously, such as KeyboardInterrupt): `read_now` took
+        a frame since the last `send_now`, or `read_now` or `send_now` was
+        cut while it moved bytes between the socket and its buffers. A reply the
+        borrower waited for may then never come, and the stream must not be trusted."""
+        return self._taken or self._read_cut or self._send_cut
 
     def pause_reading(self) -> None:
         """Stop reading in the loop (loop thread); `read_now` may read meanwhile."""
@@ -329,6 +334,7 @@ class AsyncChannel:
         first wait for `resume_reading`. Only one thread may call it at a time.
         """
         if self._held:
+            self._taken = True  # first: a cut after the pop must leave it set
             return self._held.pop(0)
         if self._closed:
             raise ChannelClosed("channel is closed")
@@ -341,6 +347,8 @@ class AsyncChannel:
             if reader.mid_frame():
                 self._read_cut = True  # a cut here can lose the fds of a frame
                 frames = reader.frames()
+                if frames:
+                    self._taken = True  # before _read_cut clears: no gap for a cut
                 self._read_cut = False
                 if frames:
                     self._held.extend(frames[1:])
@@ -373,6 +381,8 @@ class AsyncChannel:
         if self._closed or self._out:
             return False
         data = frame_header(len(payload), len(fds)) + bytes(payload)
+        # Sent only to a peer that owes nothing: what was read before was dealt with.
+        self._taken = False
         self._send_cut = True  # like _read_cut, for a frame half written
         try:
             sent = self._sock.sendmsg([data], fds_ancillary(fds))

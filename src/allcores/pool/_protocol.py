@@ -8,8 +8,6 @@
     TASK  id (fn blob, args, kwargs)           ──►  fn(*args, **kwargs)
     CHUNK id (fn blob, [args, ...])            ──►  [fn(*args) for each]
     SKIP  id (a prefetched task was cancelled) ──►  drop it if it has not started
-    SYNC  token                                ──►  SYNCED token, after every reply due
-                                               ◄──  SYNCED token (a barrier: see below)
     BATCH [message, ...] (several dispatched in one loop iteration, one send)
                                                ◄──  RESULT id value | ERROR id (exc, traceback)
                                                ◄──  CHUNK_RESULT id (values, error or None)
@@ -20,9 +18,6 @@ Every message is one frame packed by `_serialize.pack` (the task id and the run 
 ride in its fixed head). A worker runs its tasks one at a time, in the order they
 came; the pool may send it a few ahead (prefetch), so before starting a task that
 waited in its buffer the worker looks for SKIP messages that arrived meanwhile.
-SYNC is answered in its turn among the tasks, so every reply the worker owed when
-it was sent arrives before SYNCED: a task whose reply has not come by then lost it
-(`Pool._direct_interrupted`: a thread cut while it read the reply).
 
 The loop here only needs an endpoint with blocking ``recv_bytes``, non-blocking
 ``poll`` and ``send_bytes`` (`allcores.ipc.Channel`), so backends other than
@@ -60,7 +55,6 @@ SETUP = 1
 TASK = 2
 CHUNK = 3
 SKIP = 4
-SYNC = 6
 STOP = 7
 # BATCH = 5 (`_serialize.BATCH`): several fd-less messages sent as one frame.
 # Worker -> parent.
@@ -69,7 +63,6 @@ INIT_FAILED = 11
 RESULT = 12
 ERROR = 13
 CHUNK_RESULT = 14
-SYNCED = 15
 
 
 # How often a busy worker looks for SKIP messages between prefetched tasks. A
@@ -306,9 +299,6 @@ def serve(endpoint: Endpoint) -> None:
             task_id = read_head(payload)[3]
             if payload[0] == STOP:
                 return
-            if payload[0] == SYNC:
-                endpoint.send_bytes(pack(SYNCED, task_id, None).payload)
-                continue
             if task_id in skipped:
                 skipped.discard(task_id)
                 for fd in fds:

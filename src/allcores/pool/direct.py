@@ -14,10 +14,12 @@ worker, loop, caller); this way it costs two::
 
 Only plain cases come here: no timeout, a small frame, an idle worker and nothing
 waiting in the queue. The rule for Ctrl-C: one that lands anywhere here never
-hangs the pool and never loses a result silently. A read cut midway is settled by
-the loop (`_direct_interrupted`); a claim whose thread left without giving it back
-is found by its frame (`_check_claims`); a submit cut before its frame went is
-found by the sweep.
+hangs the pool and never loses a result silently; it may cost a worker restart.
+A cut read is finished by the loop (`_direct_interrupted`): from the reply in hand,
+or by reading the worker itself, or, when the cut thread may have taken the reply
+and lost it, by failing the task with ReplyLostError and replacing the worker. A
+claim whose thread left without giving it back is found by its frame
+(`_check_claims`); a submit cut before its frame went is found by the sweep.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Any
 
 from allcores.errors import ChannelError
 from allcores.pool import _protocol as proto
-from allcores.pool._serialize import pack, read_head
+from allcores.pool._serialize import read_head
 from allcores.pool.backends.base import BackendWorker
 from allcores.pool.errors import ReplyLostError
 from allcores.pool.futures import future_done
@@ -230,12 +232,12 @@ class DirectLane(Scheduler):
                 if frame[0][0] == proto.READY:
                     # The worker got this task while it started (`_send_early`): its
                     # READY comes first, for the loop; the reply follows.
-                    self._post_quietly(self._pass_on, worker, frame[0], frame[1])
+                    self._post_quietly(self._on_message, worker, frame[0], frame[1])
                     frame = None
                     continue
-                # Not this task's reply (a cancelled task's late result, a SYNCED): the
-                # loop takes it, and reads this worker from now on.
-                self._post(self._pass_on, worker, frame[0], frame[1])
+                # Not this task's reply (a cancelled task's late result): the loop
+                # takes it, and reads this worker from now on.
+                self._post(self._on_message, worker, frame[0], frame[1])
                 frame = None
                 to_loop = True
                 break
@@ -359,24 +361,21 @@ class DirectLane(Scheduler):
         """The thread reading a direct task's reply was interrupted: finish it here.
 
         With the reply in hand (*frame*), the task is settled from it. Without it, the
-        reply is still in the worker's socket, or the cut read lost it:
-
-        - a read cut between the socket and its buffer leaves a stream whose frames
-          can no longer be found: the task fails with ReplyLostError and the worker
-          is replaced;
-        - otherwise the loop reads the worker from now on, and sends it SYNC: every
-          reply the worker owes comes before SYNCED, so a task still unsettled then
-          lost its reply (`_on_synced`).
+        reply is still in the worker's socket, unless the cut thread took it and lost
+        it. The channel tells when that may be (`stream_in_doubt`: a frame was taken,
+        or bytes were cut midway), and so does a submit cut before its frame surely
+        went (``task.sender``). Then nothing says whether the reply will ever come:
+        the task fails with ReplyLostError and the worker is replaced. Otherwise the
+        loop reads the worker from now on, and the reply settles the task. A Ctrl-C
+        may cost a worker; it never leaves a task waiting for ever.
         """
         if frame is not None:
             kind, _nbuf, _nuser, task_id, _seconds = read_head(frame[0])
             if not _is_reply(task, kind, task_id):
-                # A frame read ahead of the reply (a READY, a SYNCED, a late result),
-                # cut while being passed on: the loop may have it already (`_pass_on`,
-                # posted before this, has run by now).
-                if frame[0] is not worker.passed:
-                    self._pass_on(worker, frame[0], frame[1])
-                worker.passed = None
+                # A frame read ahead of the reply (a READY, a late result), cut while
+                # being passed on. The loop may have it already; both are harmless
+                # twice (a READY counts once, a result nobody waits for is dropped).
+                self._on_message(worker, frame[0], frame[1])
                 frame = None
         with self._idle_lock:
             attached = worker.direct is task
@@ -403,31 +402,17 @@ class DirectLane(Scheduler):
                     if outcome is not None:
                         self._counts[outcome] += 1
         elif attached and task.state != TaskState.DONE:
-            if handle is not None and handle.stream_in_doubt():
+            if handle is None or task.sender is not None or handle.stream_in_doubt():
                 self._fail_lost(worker, task)
                 self._kill(worker)
                 return
             worker.inflight[task.id] = task
             self._wait_time.add(task.started - task.submitted)
-            if handle is not None:
-                handle.resume_reading()
-                token = next(self._sync_tokens)
-                worker.suspects[token] = task
-                handle.send(pack(proto.SYNC, token, None).payload)
+            handle.resume_reading()
             return
         # Always: a cut in `_finish_direct` may have left the worker neither idle nor
         # busy, even when the task was no longer attached (`_after_direct` checks).
         self._after_direct(worker)
-
-    def _on_synced(self, worker: PoolWorker, token: int) -> None:
-        """Every reply the worker owed at SYNC has come: a suspect still unsettled
-        lost its reply to a cut read (`_direct_interrupted`)."""
-        task = worker.suspects.pop(token, None)
-        if task is None or worker.inflight.get(task.id) is not task:
-            return
-        del worker.inflight[task.id]
-        self._fail_lost(worker, task)
-        self._after_reply(worker)
 
     def _fail_lost(self, worker: PoolWorker, task: Task) -> None:
         """Fail *task*, whose reply from *worker* a cut read lost (or may have)."""
@@ -561,8 +546,8 @@ class DirectLane(Scheduler):
             if not go_on:
                 self._sweeping = False
         for task in stale:
-            # As if its reader had been cut: the loop reads the reply, and a SYNC
-            # settles a task whose submit was cut before its frame went.
+            # As if its reader had been cut: the loop reads the reply; a task whose
+            # submit was cut before its frame surely went fails, and its worker goes.
             worker = task.worker
             if worker is not None:
                 self._direct_interrupted(worker, task, None)

@@ -49,8 +49,6 @@ class Replies(DirectLane):
                     os.close(fd)
                 return
             self._on_result(worker, task, kind, seconds, payload, fds)
-        elif kind == proto.SYNCED:
-            self._on_synced(worker, task_id)
         elif kind == proto.READY:
             pull = unpack(payload, fds).get("pull")  # None: not probed
             if pull is False:
@@ -71,11 +69,6 @@ class Replies(DirectLane):
         else:
             for fd in fds:
                 os.close(fd)
-
-    def _pass_on(self, worker: PoolWorker, payload: bytes | bytearray, fds: list[int]) -> None:
-        """`_on_message` for a frame a thread reading its own reply came across."""
-        worker.passed = payload
-        self._on_message(worker, payload, fds)
 
     def _on_ready(self, worker: PoolWorker) -> None:
         if worker.state != WorkerState.STARTING:

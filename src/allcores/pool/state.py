@@ -136,7 +136,6 @@ class PoolState:
         self._claims_checked = 0.0
         self._adrift: set[PoolWorker] = set()
         self._claims_seen: set[int] = set()
-        self._sync_tokens = itertools.count(1)
         self._direct_sent = 0  # tasks that went by `_send_direct` (for tests and tuning)
 
         # ── lifetime (replies.py, shutdown.py) ──
@@ -267,10 +266,6 @@ class PoolState:
 
     def _after_reply(self, worker: PoolWorker) -> None:
         """A task of *worker* ended through the loop (replies.py)."""
-        raise NotImplementedError
-
-    def _pass_on(self, worker: PoolWorker, payload: bytes | bytearray, fds: list[int]) -> None:
-        """A frame a thread reading its own reply came across (replies.py)."""
         raise NotImplementedError
 
     def _adopt_direct(self, worker: PoolWorker, *, force: bool = False) -> None:

@@ -145,12 +145,10 @@ class PoolWorker:
         "idle_since",
         "inflight",
         "outbox",
-        "passed",
         "row",
         "sent",
         "started_at",
         "state",
-        "suspects",
     )
 
     def __init__(self, worker_id: int, row: int) -> None:
@@ -167,9 +165,3 @@ class PoolWorker:
         self.sent = 0
         self.started_at = time.monotonic()
         self.idle_since = 0.0
-        # Tasks whose reply a cut read may have lost, by the SYNC token that settles
-        # their fate (`Pool._direct_interrupted`).
-        self.suspects: dict[int, Task] = {}
-        # The last frame a reading thread passed on to the loop (`Pool._pass_on`): by
-        # identity, it tells whether a cut thread's frame reached the loop already.
-        self.passed: bytes | bytearray | None = None

@@ -98,9 +98,10 @@ class BackendWorker(abc.ABC):
         return None
 
     def stream_in_doubt(self) -> bool:
-        """True when a `read_now` or `send_from_thread` was cut midway (an exception
-        raised asynchronously in that thread): the stream's frame boundaries can no
-        longer be trusted, and the worker must be replaced."""
+        """True when a thread cut (by an exception raised asynchronously) may have
+        lost something: `read_now` took a frame since the last `send_from_thread`,
+        or a read or send was cut midway. A reply may then never come, and the
+        worker must be replaced."""
         return False
 
     def read_now(self, timeout: float | None) -> tuple[bytes | bytearray, list[int]] | None:
