@@ -8,6 +8,9 @@
 
 The anchors run from benchmarks/.anchors-venv, allcores from the project venv; each
 measurement is a fresh process, so no pool inherits another's workers or threads.
+Wherever one_by_one runs, the floor runs beside the pools (pool_floor.py: a bare
+socketpair + pickle ping-pong between two processes), and each pool's one by one is
+also given as a ratio to it.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ WORKLOADS = [
 ]
 POOLS = ["ppe", "loky", "pebble", "anyio", "allcores"]
 ANCHOR_POOLS = ["ppe", "loky", "pebble", "anyio"]
+# Not a pool: added as the first column whenever one_by_one runs (pool_floor.py).
+FLOOR = "floor"
 
 # Which workloads each pool runs (mirrors the adapters in pool_worker.py).
 _EXECUTOR = set(WORKLOADS) - {"map_auto"}
@@ -45,6 +50,7 @@ SUPPORTED = {
     "pebble": _EXECUTOR,
     "anyio": {"asyncio64", "asyncio64_uvloop", "cpu_batch", "startup", "payload"},
     "allcores": set(WORKLOADS),
+    FLOOR: {"one_by_one"},
 }
 # Derived from the start-up samples (their first cycle), never run on its own.
 for _supported in SUPPORTED.values():
@@ -107,7 +113,9 @@ class PoolSettings:
 def _measure_once(
     python: str, pool: str, workload: str, params: dict[str, Any], timeout: float
 ) -> dict[str, Any]:
-    env = {**os.environ, "PYTHONPATH": str(BENCH_DIR)}
+    # allcores from this checkout's src/, the code the result's commit names (the project
+    # venv's editable install may point at another checkout, as from a git worktree).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCH_DIR), str(REPO_ROOT / "src")])}
     argv = [python, str(BENCH_DIR / "pool_worker.py"), "--pool", pool, "--workload", workload]
     argv += ["--params", json.dumps(params)]
     try:
@@ -149,13 +157,16 @@ def run_pool_benchmark(settings: PoolSettings) -> dict[str, Any]:
     subprocess.run(
         [settings.project_python, "-m", "compileall", "-q", str(REPO_ROOT / "src")], check=False
     )
+    pools = with_floor(settings.pools, settings.workloads)
     samples: list[dict[str, Any]] = []
     for repeat in range(settings.repeats):
         for workload in settings.workloads:
-            for pool in settings.pools:
+            for pool in pools:
                 if workload not in SUPPORTED[pool]:
                     continue
-                python = settings.project_python if pool == "allcores" else settings.anchors_python
+                python = (
+                    settings.anchors_python if pool in ANCHOR_POOLS else settings.project_python
+                )
                 result = _measure_once(python, pool, workload, params, timeout)
                 result["repeat"] = repeat
                 samples.append(result)
@@ -164,12 +175,12 @@ def run_pool_benchmark(settings: PoolSettings) -> dict[str, Any]:
                     f"  [{repeat + 1}/{settings.repeats}] {workload:17} {pool:9} {shown}",
                     file=sys.stderr,
                 )
-    summary = summaries(samples, settings.workloads, settings.pools)
+    summary = summaries(samples, settings.workloads, pools)
     return {
         "settings": {
             "repeats": settings.repeats,
             "quick": settings.quick,
-            "pools": settings.pools,
+            "pools": pools,
             "workloads": settings.workloads,
             "params": params,
             "workers": settings.workers,
@@ -180,10 +191,18 @@ def run_pool_benchmark(settings: PoolSettings) -> dict[str, Any]:
     }
 
 
+def with_floor(pools: list[str], workloads: list[str]) -> list[str]:
+    """The pools, with the floor first when one_by_one runs (no pool is measured alone)."""
+    if "one_by_one" in workloads and FLOOR not in pools:
+        return [FLOOR, *pools]
+    return pools
+
+
 def summaries(
     samples: list[dict[str, Any]], workloads: list[str], pools: list[str]
 ) -> dict[str, dict[str, Any]]:
-    """Median and spread per workload and pool, and each pool's ratio to PPE's.
+    """Median and spread per workload and pool, and each pool's ratio to PPE's; for
+    one_by_one, also to the floor's (``ratio_to_floor``, ``paired_ratio_to_floor``).
 
     The start-up workload also yields ``startup_first``: its first cycle only, which is
     the one that pays for imports and any helper process a pool starts once per program.
@@ -203,11 +222,16 @@ def summaries(
             values = [float(s["value"]) for s in mine if s.get("value") is not None]
             stats: dict[str, Any] = summarize(values)
             stats["errors"] = [s["error"] for s in mine if s.get("error")]
-            stats["ratio_to_ppe"] = ratio(
-                stats["median"], out[workload].get("ppe", {}).get("median")
-            )
-            stats["paired_ratio_to_ppe"] = summarize(_paired_ratios(samples, workload, pool))
             out[workload][pool] = stats
+        anchors = ["ppe", FLOOR] if workload == "one_by_one" else ["ppe"]
+        for pool, stats in out[workload].items():
+            for anchor in anchors:
+                stats[f"ratio_to_{anchor}"] = ratio(
+                    stats["median"], out[workload].get(anchor, {}).get("median")
+                )
+                stats[f"paired_ratio_to_{anchor}"] = summarize(
+                    _paired_ratios(samples, workload, pool, anchor)
+                )
     return out
 
 
@@ -221,18 +245,20 @@ def _import(sample: dict[str, Any]) -> dict[str, Any]:
     return {**sample, "workload": "import", "value": value, "extra": None}
 
 
-def _paired_ratios(samples: list[dict[str, Any]], workload: str, pool: str) -> list[float]:
-    """This pool's value over ProcessPoolExecutor's in the same repeat (measured moments
-    apart, so they share the machine's noise)."""
+def _paired_ratios(
+    samples: list[dict[str, Any]], workload: str, pool: str, anchor: str = "ppe"
+) -> list[float]:
+    """This pool's value over the anchor's (ProcessPoolExecutor or the floor) in the same
+    repeat (measured moments apart, so they share the machine's noise)."""
     by_repeat = {
         (s["pool"], s["repeat"]): float(s["value"])
         for s in samples
         if s["workload"] == workload and s.get("value") is not None
     }
     return [
-        value / by_repeat[("ppe", repeat)]
+        value / by_repeat[(anchor, repeat)]
         for (name, repeat), value in sorted(by_repeat.items())
-        if name == pool and by_repeat.get(("ppe", repeat))
+        if name == pool and by_repeat.get((anchor, repeat))
     ]
 
 
@@ -241,14 +267,16 @@ def _median(summary: dict[str, dict[str, Any]], workload: str, pool: str) -> flo
     return float(value) if value is not None else None
 
 
-# (goal, workload, target, comparison) of benchmarks/README.md, each against ProcessPoolExecutor.
-_PPE_GOALS = [
-    ("one by one vs ProcessPoolExecutor", "one_by_one", 0.25, "<="),
-    ("asyncio, 64 in flight: tasks/s vs ProcessPoolExecutor", "asyncio64", 5.0, ">="),
-    ("asyncio on uvloop, 64 in flight: tasks/s vs PPE", "asyncio64_uvloop", 5.0, ">="),
-    ("bytes round trip vs ProcessPoolExecutor", "payload", 0.1, "<="),
-    ("start-up vs ProcessPoolExecutor (fork)", "startup", 1.0, "<="),
-    ("start-up, first pool of a process, vs PPE", "startup_first", 1.0, "<="),
+# (goal, workload, target, comparison, anchor) of benchmarks/README.md: against
+# ProcessPoolExecutor, or the floor under one by one (a bare socketpair ping-pong).
+_ANCHOR_GOALS = [
+    ("one by one vs ProcessPoolExecutor", "one_by_one", 0.25, "<=", "ppe"),
+    ("one by one vs the floor (socketpair + pickle)", "one_by_one", 1.5, "<=", FLOOR),
+    ("asyncio, 64 in flight: tasks/s vs ProcessPoolExecutor", "asyncio64", 5.0, ">=", "ppe"),
+    ("asyncio on uvloop, 64 in flight: tasks/s vs PPE", "asyncio64_uvloop", 5.0, ">=", "ppe"),
+    ("bytes round trip vs ProcessPoolExecutor", "payload", 0.1, "<=", "ppe"),
+    ("start-up vs ProcessPoolExecutor (fork)", "startup", 1.0, "<=", "ppe"),
+    ("start-up, first pool of a process, vs PPE", "startup_first", 1.0, "<=", "ppe"),
 ]
 
 
@@ -266,9 +294,9 @@ def goals(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """
     ac = "allcores"
     out: list[dict[str, Any]] = []
-    for name, workload, target, comparison in _PPE_GOALS:
-        r = ratio(_median(summary, workload, ac), _median(summary, workload, "ppe"))
-        paired = summary.get(workload, {}).get(ac, {}).get("paired_ratio_to_ppe", {})
+    for name, workload, target, comparison, anchor in _ANCHOR_GOALS:
+        r = ratio(_median(summary, workload, ac), _median(summary, workload, anchor))
+        paired = summary.get(workload, {}).get(ac, {}).get(f"paired_ratio_to_{anchor}", {})
         out.append(
             {
                 "goal": name,
@@ -276,7 +304,7 @@ def goals(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                 "paired": paired.get("median"),
                 "target": f"{comparison} {target:g}",
                 "met": _met(r, target, comparison),
-                "against": "ppe",
+                "against": anchor,
             }
         )
     tuned = {
@@ -332,12 +360,27 @@ def render(result: dict[str, Any]) -> str:
                 spread_text = f" ±{spread * 50:.0f}%" if spread is not None else ""
                 row.append(f"{fmt(stats['median'])}{spread_text}")
         rows.append(row)
+        if workload == "one_by_one" and FLOOR in per_pool:
+            rows.append(
+                [
+                    "tiny task one by one, x the floor",
+                    *(fmt(per_pool.get(p, {}).get("ratio_to_floor")) for p in pools),
+                ]
+            )
     payload_mib = result["settings"]["params"]["payload_mib"]
     text = [
         f"median of {result['settings']['repeats']} interleaved repeats, ± half the spread "
         f"(max - min) / median; bytes payload {payload_mib} MiB; "
         f"{result['settings']['workers']} workers each",
         table(["workload", *pools], rows),
+        *(
+            [
+                "floor: two processes, a blocking ping-pong of pickled frames over a "
+                "socketpair, no pool (pool_floor.py), µs per round trip"
+            ]
+            if FLOOR in pools
+            else []
+        ),
         "",
         table(
             ["goal (allcores, this run)", "ratio of medians", "paired", "target", "met", "against"],

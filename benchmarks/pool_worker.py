@@ -29,6 +29,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from bench_tasks import cpu_sum, echo, inc
+from pool_floor import measure_floor
 
 # Every pool gets the same number of workers; 2 matches this machine's 2 cores, and
 # ``workers`` in --params changes it (a larger machine, when one is lent).
@@ -387,8 +388,10 @@ def measure_payload(adapter: Adapter, params: dict[str, Any]) -> tuple[float, st
 
 
 def measure(pool_name: str, workload: str, params: dict[str, Any]) -> dict[str, Any]:
-    adapter = ADAPTERS[pool_name]
     out: dict[str, Any] = {"pool": pool_name, "workload": workload, "value": None, "unit": None}
+    if pool_name == FLOOR:
+        return _measure_floor(out, workload, params)
+    adapter = ADAPTERS[pool_name]
     if workload not in adapter.workloads:
         out["error"] = "not supported by this pool"
         return out
@@ -413,9 +416,28 @@ def measure(pool_name: str, workload: str, params: dict[str, Any]) -> dict[str, 
     return out
 
 
+# Not a pool: the bare socketpair + pickle ping-pong under one by one (pool_floor.py).
+FLOOR = "floor"
+
+
+def _measure_floor(out: dict[str, Any], workload: str, params: dict[str, Any]) -> dict[str, Any]:
+    if workload != "one_by_one":
+        out["error"] = "the floor is measured for one_by_one only"
+        return out
+    n = int(params["n_tasks"])
+    try:
+        value = measure_floor(n, WARMUP_TASKS)
+    except Exception as exc:
+        out["error"] = f"{type(exc).__name__}: {exc}"
+        out["traceback"] = traceback.format_exc(limit=5)
+        return out
+    out.update(value=value, unit="us/round trip", extra={"n_tasks": n}, error=None)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pool", required=True, choices=sorted(ADAPTERS))
+    parser.add_argument("--pool", required=True, choices=sorted([*ADAPTERS, FLOOR]))
     parser.add_argument("--workload", required=True)
     parser.add_argument("--params", required=True, help="JSON object of workload sizes")
     args = parser.parse_args()

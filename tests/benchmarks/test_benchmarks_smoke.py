@@ -76,6 +76,13 @@ def test_pool_part_writes_every_workload(tmp_path: Path) -> None:
     assert ppe and all(s["error"] is None and s["value"] > 0 for s in ppe)
     assert {"median", "min", "max", "spread"} <= result["summary"]["one_by_one"]["ppe"].keys()
     assert {g["goal"] for g in result["goals"]} >= {"CPU batch vs serial"}
+    # The floor (a bare socketpair ping-pong) runs beside one by one, as its first column.
+    assert result["settings"]["pools"][0] == "floor"
+    floor = [s for s in result["samples"] if s["pool"] == "floor"]
+    assert [s["workload"] for s in floor] == ["one_by_one"]
+    assert floor[0]["error"] is None and floor[0]["value"] > 0
+    assert result["summary"]["one_by_one"]["ppe"]["ratio_to_floor"] > 0
+    assert "one by one vs the floor (socketpair + pickle)" in {g["goal"] for g in result["goals"]}
 
 
 def test_http_part_measures_and_counts_connections(tmp_path: Path) -> None:
