@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 
 import pytest
 
@@ -75,3 +76,42 @@ async def test_async_map_on_a_loop_bound_pool() -> None:
         assert await pool.map(helpers.add, range(2000)) == [x + 1 for x in range(2000)]
         with pytest.raises(RuntimeError, match="deadlock"):
             list(pool.map(helpers.add, range(10)))
+
+
+def test_map_results_can_be_read_after_the_with_block() -> None:
+    # ProcessPoolExecutor's map submits every input at once, so this common code
+    # works there; a lazy map must send the rest of its inputs at shutdown.
+    with Pool(2) as pool:
+        squares = pool.map(helpers.square, range(3_000))
+        first = next(squares)
+        unordered = pool.imap_unordered(helpers.square, iter(range(500)), chunksize=7)
+    assert [first, *squares] == [i * i for i in range(3_000)]
+    assert sorted(unordered) == [i * i for i in range(500)]
+
+
+def test_an_input_error_at_shutdown_comes_after_the_results_before_it() -> None:
+    def inputs() -> Iterator[int]:
+        yield from range(2_000)
+        raise LookupError("the inputs broke")
+
+    with Pool(2) as pool:
+        results = pool.map(helpers.square, inputs())
+    got = []
+    with pytest.raises(LookupError, match="the inputs broke"):
+        got.extend(results)
+    assert got == [i * i for i in range(2_000)]
+
+
+def test_a_with_block_that_fails_stops_its_maps() -> None:
+    sent: list[int] = []
+
+    def inputs() -> Iterator[int]:
+        for i in range(1_000_000):
+            sent.append(i)
+            yield i
+
+    with pytest.raises(KeyError), Pool(2) as pool:
+        results = pool.map(helpers.square, inputs())
+        assert next(results) == 0
+        raise KeyError("the block failed")
+    assert len(sent) < 1_000_000  # the rest was never read, nor sent

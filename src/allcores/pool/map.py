@@ -19,6 +19,7 @@ import collections
 import concurrent.futures
 import itertools
 import operator
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -65,8 +66,10 @@ class MapIterator(Iterator[R], AsyncIterator[R]):
         self._ready: collections.deque[R] = collections.deque()
         self._error: BaseException | None = None
         self._exhausted = False
+        self._input_error: Exception | None = None  # the inputs raised in `submit_rest`
         self._closed = False
         self._fill()
+        pool._maps.add(self)
 
     def _fill(self) -> None:
         while not self._exhausted and not self._closed and len(self._inflight) < self._max_inflight:
@@ -79,6 +82,20 @@ class MapIterator(Iterator[R], AsyncIterator[R]):
             self._inflight.append(self._pool._submit_chunk(self._fn, chunk))
             if len(chunk) < size:
                 self._exhausted = True
+
+    def submit_rest(self) -> None:
+        """Send every input left now: the pool shuts down. ProcessPoolExecutor's map
+        submits all its inputs at once, so code that reads a map's results after
+        ``with`` ends works there; it works here too. (An endless input then never
+        ends, as it never returns from ProcessPoolExecutor's map.)"""
+        if self._closed or self._exhausted:
+            return
+        self._max_inflight = sys.maxsize
+        try:
+            self._fill()
+        except Exception as exc:  # raised once the results before it are read
+            self._exhausted = True
+            self._input_error = exc
 
     def _take(self, future: concurrent.futures.Future[Any]) -> None:
         self._inflight.remove(future)
@@ -111,6 +128,9 @@ class MapIterator(Iterator[R], AsyncIterator[R]):
         self._fill()
         if not self._inflight:
             self.close()
+            if self._input_error is not None:
+                error, self._input_error = self._input_error, None
+                raise error
             return None
         return False
 

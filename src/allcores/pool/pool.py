@@ -203,7 +203,12 @@ class Pool(Shutdown, concurrent.futures.Executor):
     def __enter__(self) -> Pool:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        if exc_type is not None:
+            # The block failed (or Ctrl-C): nobody reads its maps any more, so they
+            # stop here rather than send the rest of their inputs.
+            for iterator in list(self._maps):
+                iterator.close()
         self.shutdown(wait=True)
 
     # ── public API: asyncio ────────────────────────────────────────────────────

@@ -2,8 +2,9 @@
 
 ::
 
-    shutdown() / aclose() / `with` exit ──► _begin_shutdown (loop): no new tasks;
-        cancel_futures drops the queued ones
+    shutdown() / aclose() / `with` exit ──► open maps send the rest of their inputs
+        (as ProcessPoolExecutor's map has sent them all) ──► _begin_shutdown (loop):
+        no new tasks; cancel_futures drops the queued ones
     each worker with nothing left ──► retired (STOP frame; killed after a grace
         period by the backend) ──► its exit ──► _maybe_finish_shutdown
     no worker left ──► _release: backend, scoreboard, the loop's thread stops
@@ -41,6 +42,12 @@ atexit.register(_shutdown_pools_at_exit)
 
 
 class Shutdown(Replies):
+    def _send_maps_rest(self) -> None:
+        """Open maps send every input left, so that their results can be read after
+        the pool has shut down (`MapIterator.submit_rest`)."""
+        for iterator in list(self._maps):
+            iterator.submit_rest()
+
     def _begin_shutdown(self, cancel_futures: bool) -> None:
         self._closing = True
         if self._direct_sent:
@@ -143,6 +150,8 @@ class Shutdown(Replies):
         loop = self._loop
         if self._closed.is_set():
             return
+        if not cancel_futures and not self._closing:
+            self._send_maps_rest()
         if loop is None:
             # Never used: the workers hold no task.
             self._terminate()
@@ -170,6 +179,8 @@ class Shutdown(Replies):
         """Shut down and wait for every worker to exit, without blocking the loop."""
         if self._closed.is_set():
             return
+        if not cancel_futures and not self._closing:
+            self._send_maps_rest()
         loop = self._loop
         if loop is None or loop.is_closed():
             self._terminate()

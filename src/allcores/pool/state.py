@@ -32,7 +32,8 @@ import itertools
 import os
 import threading
 import time
-from typing import Any
+import weakref
+from typing import TYPE_CHECKING, Any
 
 from allcores.observe.scoreboard import Scoreboard
 from allcores.pool import _protocol as proto
@@ -45,6 +46,9 @@ from allcores.pool.loop import LoopThread
 from allcores.pool.settings import PoolSettings
 from allcores.pool.stats import Histogram
 from allcores.pool.task import PoolWorker, Task, TaskState
+
+if TYPE_CHECKING:
+    from allcores.pool.map import MapIterator
 
 __all__ = ["PREFETCH_MAX_RUN_TIME", "PoolState"]
 
@@ -118,6 +122,8 @@ class PoolState:
         self._to_flush: list[PoolWorker] = []
         # True while `_enqueue_from_thread` runs: it flushes itself, at once.
         self._flush_inline = False
+        # Open maps, which send the rest of their inputs when the pool shuts down.
+        self._maps: weakref.WeakSet[MapIterator[Any]] = weakref.WeakSet()
         self._room_waiters: list[concurrent.futures.Future[None]] = []
         self._drain_waiters: list[concurrent.futures.Future[None]] = []
         # Mean run time of recent tasks: it sets prefetch depth and spinning.
