@@ -36,6 +36,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
+
+# Imported here, once per process: multiprocessing imports it at a fork's first
+# Process.start, which would otherwise be in every zygote, before its first fork.
+import multiprocessing.popen_fork
 import os
 import select
 import signal
@@ -46,7 +50,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from allcores._system import die_with_parent
+from allcores._system import die_with_parent, libc_prctl
 from allcores.child.fds import register_parent_end
 from allcores.errors import ChannelClosed
 from allcores.ipc.channel import Channel, channel_pair
@@ -100,6 +104,8 @@ class Zygote:
     """Forks a zygote now; `spawn` then starts ``target(sock, *args)`` children from it."""
 
     def __init__(self, target: Callable[..., object], args: tuple[Any, ...] = ()) -> None:
+        # Looked up here, once per process, not in every zygote (`die_with_parent`).
+        libc_prctl()
         requests, requests_child = channel_pair()
         notices, notices_child = channel_pair()
         parent = os.getpid()
@@ -282,7 +288,8 @@ def _serve(
     children: dict[int, tuple[int, Any]] = {}  # pidfd -> (number, Process), unreaped
 
     def fork(name: str, number: int, fds: list[int]) -> None:
-        child_sock = socket.socket(fileno=fds[0])
+        # Family, type and protocol given: the socket asks the kernel for none of them.
+        child_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=fds[0])
         try:
             process = context.Process(target=target, args=(child_sock, me, *args), name=name)
             process.start()
