@@ -4,11 +4,14 @@ forked by the pool's zygote look like multiprocessing children."""
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import json
+import multiprocessing.popen_fork
 import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -189,3 +192,40 @@ def test_the_loop_thread_leaves_no_dummy_thread_behind() -> None:
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
     )
     assert out.stdout.strip() == "['MainThread']", out.stdout + out.stderr
+
+
+def test_workers_the_zygote_cannot_fork_stop_the_pool_with_the_reason_logged(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Spawns do not wait for the fork: a fork that fails ends the worker during its
+    start, as a worker dying before READY does, and the log says why."""
+
+    def no_fork(self: object, process_obj: object) -> None:
+        raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+
+    monkeypatch.setattr(multiprocessing.popen_fork.Popen, "_launch", no_fork)
+    pool = Pool(2)  # its zygote is forked with the patch
+    monkeypatch.undo()
+    try:
+        assert pool.worker_pids() == []  # no pid for a worker never forked
+        with pytest.raises(InitializerError, match="cannot start"):
+            pool.submit(helpers.add, 1).result(timeout=30)
+    finally:
+        pool.shutdown()
+    assert "the zygote could not fork allcores-pool-1: BlockingIOError: [Errno 11]" in caplog.text
+
+
+def test_a_worker_killed_before_its_pid_is_read_is_replaced() -> None:
+    with Pool(2) as pool:
+        assert pool.submit(helpers.add, 1).result(timeout=30) == 2
+        worker = pool._workers[max(pool._workers)]
+        handle = worker.handle
+        assert handle is not None and not handle._child._spawned._answered  # type: ignore[attr-defined]
+        pool._call(pool._kill, worker)  # killed by its spawn number
+        deadline = time.monotonic() + 30
+        while worker.id in pool._workers and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert worker.id not in pool._workers
+        assert [pool.submit(helpers.add, i).result(timeout=30) for i in range(4)] == [1, 2, 3, 4]
+        assert handle.pid is not None and handle.pid not in pool.worker_pids()
+        assert len(pool.worker_pids()) == 2

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import multiprocessing
 import multiprocessing.context
 import multiprocessing.forkserver
@@ -36,7 +37,7 @@ from typing import Any
 
 from allcores.child.fds import register_parent_end
 from allcores.child.process import WatchedProcess
-from allcores.child.zygote import Zygote
+from allcores.child.zygote import Spawned, Zygote
 from allcores.errors import ChannelError
 from allcores.ipc.async_channel import AsyncChannel
 from allcores.ipc.channel import Channel, channel_pair
@@ -61,6 +62,8 @@ _EOF_GRACE = 0.1
 
 OnExitCode = Callable[[int | None], None]
 
+_log = logging.getLogger("allcores.pool")
+
 
 def _preload_worker_module() -> None:
     """Have the forkserver import our worker module once, not each child."""
@@ -73,21 +76,29 @@ def _preload_worker_module() -> None:
 
 
 class _ZygoteChild:
-    """A worker the pool's zygote forked: killed through it, its exit told by it."""
+    """A worker the pool's zygote forks: killed through it, its exit told by it.
 
-    def __init__(self, backend: ProcessBackend, zygote: Zygote, pid: int) -> None:
+    Known by its spawn number from the start; its pid only once the zygote answers,
+    read when first asked for (`Spawned.pid`)."""
+
+    def __init__(self, backend: ProcessBackend, zygote: Zygote, spawned: Spawned) -> None:
         self._backend = backend
         self._zygote = zygote
-        self.pid = pid
+        self._spawned = spawned
+
+    @property
+    def pid(self) -> int | None:
+        return self._spawned.pid
 
     def watch(self, loop: asyncio.AbstractEventLoop, on_exit: OnExitCode) -> None:
-        self._backend.watch_zygote_child(loop, self.pid, on_exit)
+        self._backend.watch_zygote_child(loop, self._spawned.number, on_exit)
 
     def unwatch(self) -> None:
-        self._backend.unwatch_zygote_child(self.pid)
+        self._backend.unwatch_zygote_child(self._spawned.number)
 
     def kill(self) -> None:
-        self._zygote.kill(self.pid)
+        # By number: it works before the pid is known, and never hits a reused pid.
+        self._zygote.kill(self._spawned.number)
 
     def reap_now(self) -> int | None:
         """Kill without the loop; the zygote reaps it."""
@@ -105,7 +116,6 @@ class ProcessWorker(BackendWorker):
     ) -> None:
         self.worker_id = worker_id
         self._child = child
-        self.pid: int | None = child.pid
         self.sock = sock
         self._channel: AsyncChannel | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -122,6 +132,12 @@ class ProcessWorker(BackendWorker):
         self._finish_deferred = False
         self._resume_pending = False  # asked for while claimed: done at the release
         self._exitcode: int | None = None
+
+    # A property where `BackendWorker` has an attribute: a zygote's child learns it late.
+    @property
+    def pid(self) -> int | None:  # type: ignore[override]
+        """None if it never started; a zygote's child waits here for the zygote's answer."""
+        return self._child.pid
 
     def attach(
         self, loop: asyncio.AbstractEventLoop, on_message: OnMessage, on_exit: OnExit
@@ -301,7 +317,7 @@ class ProcessBackend(Backend):
         self.start_method = start_method or "fork"
         self.nice = nice
         self._zygote: Zygote | None = None
-        self._on_exit: dict[int, OnExitCode] = {}  # zygote children, by pid
+        self._on_exit: dict[int, OnExitCode] = {}  # zygote children, by spawn number
         self._early_exits: dict[int, int | None] = {}  # told before being watched
         if self.start_method == "fork":
             self._zygote = Zygote(_process_worker.main, (nice,))
@@ -319,6 +335,7 @@ class ProcessBackend(Backend):
         try:
             try:
                 if self._zygote is not None:
+                    # Returns at once: the zygote forks it while its set-up goes out.
                     child = _ZygoteChild(self, self._zygote, self._zygote.spawn(child_sock, name))
                 else:
                     process = multiprocessing.get_context(self.start_method).Process(  # type: ignore[attr-defined]
@@ -347,29 +364,32 @@ class ProcessBackend(Backend):
         return ProcessWorker(worker_id, child, parent_sock)
 
     def watch_zygote_child(
-        self, loop: asyncio.AbstractEventLoop, pid: int, on_exit: OnExitCode
+        self, loop: asyncio.AbstractEventLoop, number: int, on_exit: OnExitCode
     ) -> None:
         assert self._zygote is not None
-        if pid in self._early_exits:
-            loop.call_soon(on_exit, self._early_exits.pop(pid))
+        if number in self._early_exits:
+            loop.call_soon(on_exit, self._early_exits.pop(number))
             return
-        self._on_exit[pid] = on_exit
+        self._on_exit[number] = on_exit
         self._zygote.watch(loop, self._zygote_child_exited)
 
-    def unwatch_zygote_child(self, pid: int) -> None:
-        self._on_exit.pop(pid, None)
-        self._early_exits.pop(pid, None)
+    def unwatch_zygote_child(self, number: int) -> None:
+        self._on_exit.pop(number, None)
+        self._early_exits.pop(number, None)
 
-    def _zygote_child_exited(self, pid: int, code: int | None) -> None:
-        if code is None:  # the zygote is gone, and every child with it
+    def _zygote_child_exited(self, number: int | None, code: int | None, why: str | None) -> None:
+        if number is None:  # the zygote is gone, and every child with it
             for on_exit in list(self._on_exit.values()):
                 on_exit(None)
             self._on_exit.clear()
             return
-        if pid in self._on_exit:
-            self._on_exit.pop(pid)(code)
+        if why is not None:
+            # The pool sees a worker that ended during its start; this says why.
+            _log.error("a pool worker did not start: %s", why)
+        if number in self._on_exit:
+            self._on_exit.pop(number)(code)
         else:
-            self._early_exits[pid] = code
+            self._early_exits[number] = code
 
     def close(self) -> None:
         self._on_exit.clear()
