@@ -25,7 +25,8 @@ HANG = 20.0
 
 
 class Interrupted(BaseException):
-    """Raised by the alarm handler, like KeyboardInterrupt."""
+    """What an interrupt raises, like KeyboardInterrupt (the alarm handler here, the
+    tracer in `cut_sweep`)."""
 
 
 # The alarm interrupts only while this is True: inside the loop's `try`, never in
@@ -39,7 +40,7 @@ def _interrupt(_signum: int, _frame: Any) -> None:
         raise Interrupted
 
 
-def _cut(exc: BaseException) -> bool:
+def is_cut(exc: BaseException) -> bool:
     """An exception that the interrupt caused. CPython's Condition.wait, cut inside
     `_release_save`, raises RuntimeError from its own with-exit: a fragility of
     concurrent.futures' futures (ProcessPoolExecutor's too), not of the pool."""
@@ -69,7 +70,7 @@ def main(seed: int, count: int, seconds: float) -> int:
                     last = pool.submit(helpers.add, 1)
                     last.result()
             except BaseException as exc:
-                if not _cut(exc):
+                if not is_cut(exc):
                     raise
                 cuts += 1
             finally:
