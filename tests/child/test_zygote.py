@@ -146,21 +146,27 @@ def test_many_spawns_nobody_asks_a_pid_of_do_not_block(monkeypatch: pytest.Monke
 def test_a_zygote_that_dies_answers_every_pid_and_spawns_no_more() -> None:
     z = Zygote(_report_pid)
     exits = _Exits(z)
+    channels = []
     try:
         s, channel = _spawn(z)
+        channels.append(channel)
         child_pid = channel.recv()[0][0]
+        # Read before the zygote stops: the child can report its pid before the
+        # zygote has sent its own answer about it.
+        assert s.pid == child_pid
         os.kill(z.pid, signal.SIGSTOP)
         pending, pending_channel = _spawn(z)  # never read: the zygote is stopped
+        channels.append(pending_channel)
         os.kill(z.pid, signal.SIGKILL)
         assert exits.wait_for(1)[0][0] is None  # the zygote is gone
         assert not wait_gone([child_pid])  # and its child with it (PR_SET_PDEATHSIG)
-        assert s.pid == child_pid
+        assert s.pid == child_pid  # an answer read stays
         assert pending.pid is None and pending.error is not None and "gone" in pending.error
         with pytest.raises(ZygoteError):
             _spawn(z)
-        channel.close()
-        pending_channel.close()
     finally:
+        for channel in channels:
+            channel.close()
         z.close()
         exits.close()
 
