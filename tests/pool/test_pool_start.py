@@ -228,4 +228,8 @@ def test_a_worker_killed_before_its_pid_is_read_is_replaced() -> None:
         assert worker.id not in pool._workers
         assert [pool.submit(helpers.add, i).result(timeout=30) for i in range(4)] == [1, 2, 3, 4]
         assert handle.pid is not None and handle.pid not in pool.worker_pids()
+        # The replacement is started by the loop's thread while this one goes on:
+        # it may not be listed yet (worker_pids lists workers with a handle).
+        while len(pool.worker_pids()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert len(pool.worker_pids()) == 2
