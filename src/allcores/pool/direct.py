@@ -440,7 +440,6 @@ class DirectLane(Scheduler):
                 if token is not None:
                     claims.append((worker, token))
                 elif task is not None and task.owner == Owner.CALLER:
-                    task.owner = Owner.LOOP
                     orphans.append((worker, task))
                 elif (
                     worker.state == WorkerState.READY
@@ -456,8 +455,17 @@ class DirectLane(Scheduler):
         lost, self._adrift = adrift & self._adrift, adrift
         for worker in lost:
             self._after_direct(worker)
+        # Likewise an orphan: a thread cut after it gave the socket back has posted
+        # its own recovery (with the reply, if it held it), which runs before the
+        # next check; only an orphan seen twice is recovered here.
+        known, self._orphans = self._orphans, {task for _worker, task in orphans}
         for worker, task in orphans:
-            self._direct_interrupted(worker, task, None)
+            if task in known:
+                with self._idle_lock:
+                    if worker.direct is not task or task.owner != Owner.CALLER:
+                        continue
+                    task.owner = Owner.LOOP
+                self._direct_interrupted(worker, task, None)
         # Only a claim seen at the last check too is looked at: most last µs, and
         # walking every thread's stack is not free. By id, so that no frame is kept
         # alive here (an id reused meanwhile only costs one needless look).
@@ -542,7 +550,9 @@ class DirectLane(Scheduler):
                     task.owner = Owner.LOOP
                     stale.append(task)
             busy = unread or now - self._last_direct < DIRECT_LINGER
-            go_on = not self._closed.is_set() and (busy or self._claims or bool(self._adrift))
+            go_on = not self._closed.is_set() and (
+                busy or self._claims or bool(self._adrift) or bool(self._orphans)
+            )
             if not go_on:
                 self._sweeping = False
         for task in stale:

@@ -141,6 +141,7 @@ class PoolState:
         self._claims = False  # a thread may hold a worker's socket (`_check_claims`)
         self._claims_checked = 0.0
         self._adrift: set[PoolWorker] = set()
+        self._orphans: set[Task] = set()  # seen at the last check (`_check_claims`)
         self._claims_seen: set[int] = set()
         self._direct_sent = 0  # tasks that went by `_send_direct` (for tests and tuning)
 
