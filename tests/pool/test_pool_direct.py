@@ -36,6 +36,12 @@ def _warm(pool: Pool) -> None:
     """Every worker ready and idle, so the next submits can go direct."""
     futures = [pool.submit(helpers.sleep_then, 0.05, i) for i in range(pool.settings.max_workers)]
     assert [f.result(timeout=30) for f in futures] == list(range(pool.settings.max_workers))
+    # A new pool's first reply can be read before the loop has seen the worker's
+    # READY (the caller reads both and passes READY on): it is idle only after that.
+    deadline = time.monotonic() + 30
+    while len(pool._idle) < pool.settings.max_workers and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert len(pool._idle) == pool.settings.max_workers
 
 
 def test_one_by_one_goes_direct_and_is_counted() -> None:
