@@ -26,6 +26,7 @@ from allcores.pool import Pool, ReplyLostError, WorkerCrashedError
 from allcores.pool import _protocol as proto
 from allcores.pool._serialize import dump_function, pack_call
 from allcores.shm.segment import Segment
+from tests.conftest import wait_until
 from tests.pool import helpers
 from tests.pool.conftest import wait_gone
 
@@ -505,3 +506,36 @@ def test_an_interrupt_at_each_point_of_a_round_trip_loses_nothing(
     out = _run_module("tests.pool.cut_sweep", str(workers), str(max_tasks), *extra)
     # It did walk the round trip (the first one has more points: it binds the loop).
     assert int(out.split()[1]) > (150 if extra else 50)
+
+
+def test_replies_sent_before_a_death_during_a_claim_are_read() -> None:
+    """A worker that replies, then dies while a thread holds its socket past the EOF
+    grace: the replies still in the socket settle their tasks once the claim ends."""
+    with Pool(1) as pool:
+        # Tiny tasks only, so that the loop sends the worker two at once (prefetch).
+        assert pool.submit(helpers.add, 1).result(timeout=30) == 2
+        wait_until(lambda: len(pool._idle) == 1, timeout=30)
+        worker = next(iter(pool._workers.values()))
+        handle = worker.handle
+        assert handle is not None
+        # Named by this frame, as `_wait_direct` names its claim: the loop's check
+        # for claims whose thread left sees it on this thread's stack.
+        token = sys._getframe()
+        assert handle.claim_reading(token)
+        try:
+            # A timeout keeps them off the direct lane: the loop queues both to the one
+            # worker, which replies to the first and dies in the second.
+            ok = pool.schedule(helpers.add, (1,), timeout=30)
+            crash = pool.schedule(helpers.exit_hard, (5,), timeout=30)
+            assert not wait_gone(pool.worker_pids(), timeout=30)
+            # The exit is seen and its grace passes while the claim stands.
+            deadline = time.monotonic() + 30
+            while not handle._finish_deferred and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert handle._finish_deferred
+        finally:
+            assert handle.release_reading(resume=False, token=token)
+        assert ok.result(timeout=30) == 2
+        with pytest.raises(WorkerCrashedError):
+            crash.result(timeout=30)
+        assert pool.submit(helpers.add, 2).result(timeout=30) == 3

@@ -216,10 +216,16 @@ class ProcessWorker(BackendWorker):
         return self._channel is not None and self._channel.in_doubt
 
     def _after_release(self, deferred: bool, resume: bool) -> None:
-        if resume:
+        if resume or deferred:
             self.resume_reading()
-        if deferred:
-            self._finish()
+        if deferred and not self._exited:
+            # The worker is gone and our reading side is shut (`_finish`): the loop
+            # reads the replies still in the socket, then the EOF ends the worker.
+            # Ending it here would drop those replies and fail their tasks as crashed.
+            assert self._loop is not None
+            if self._grace is not None:
+                self._grace.cancel()
+            self._grace = self._loop.call_later(_EOF_GRACE, self._finish)
 
     def read_now(self, timeout: float | None) -> tuple[bytes | bytearray, list[int]] | None:
         assert self._channel is not None and self._claimed
