@@ -25,6 +25,7 @@ from allcores.ipc.channel import MAX_FDS
 from allcores.pool import Pool, ReplyLostError, WorkerCrashedError
 from allcores.pool import _protocol as proto
 from allcores.pool._serialize import dump_function, pack_call
+from allcores.pool.backends.process import ProcessWorker
 from allcores.shm.segment import Segment
 from tests.conftest import wait_until
 from tests.pool import helpers
@@ -517,7 +518,7 @@ def test_replies_sent_before_a_death_during_a_claim_are_read() -> None:
         wait_until(lambda: len(pool._idle) == 1, timeout=30)
         worker = next(iter(pool._workers.values()))
         handle = worker.handle
-        assert handle is not None
+        assert isinstance(handle, ProcessWorker)
         # Named by this frame, as `_wait_direct` names its claim: the loop's check
         # for claims whose thread left sees it on this thread's stack.
         token = sys._getframe()
