@@ -20,14 +20,14 @@ from allcores.pool import _protocol as proto
 from allcores.pool import _pull
 from allcores.pool._serialize import read_head, unpack
 from allcores.pool.backends.base import WorkerExit
-from allcores.pool.direct import DirectLane
 from allcores.pool.errors import InitializerError, RemoteTraceback, WorkerCrashedError
+from allcores.pool.recovery import DirectRecovery
 from allcores.pool.task import PoolWorker, Task, TaskState, WorkerState
 
 __all__ = ["Replies"]
 
 
-class Replies(DirectLane):
+class Replies(DirectRecovery):
     def _on_message(self, worker: PoolWorker, payload: bytes | bytearray, fds: list[int]) -> None:
         kind, _nbuf, _nuser, task_id, seconds = read_head(payload)
         if (

@@ -7,6 +7,7 @@ state declared here::
     pool.Pool            the public API: Executor and asyncio           pool.py
     shutdown.Shutdown    shutdown, terminate, interpreter exit          shutdown.py
     replies.Replies      frames from workers; a worker's end            replies.py
+    recovery.DirectRecovery  the loop finishes what a direct read left  recovery.py
     direct.DirectLane    a caller's thread sends and reads itself       direct.py
     scheduler.Scheduler  queue, dispatch, prefetch, timeouts, cancel    scheduler.py
     workers.WorkerSet    spawn, retire, kill, respawn, idle shrink      workers.py
@@ -281,6 +282,23 @@ class PoolState:
 
     def _send_early(self, task: Task, worker: PoolWorker) -> bool:
         """Send the pool's first task to a starting worker (direct.py)."""
+        raise NotImplementedError
+
+    def _direct_interrupted(
+        self,
+        worker: PoolWorker,
+        task: Task,
+        frame: tuple[bytes | bytearray, list[int]] | None,
+    ) -> None:
+        """Finish a direct task whose reading thread was cut (recovery.py)."""
+        raise NotImplementedError
+
+    def _direct_takeover(self, task: Task) -> None:
+        """The loop reads a direct task's reply from now on (recovery.py)."""
+        raise NotImplementedError
+
+    def _kick_sweep(self) -> None:
+        """Start the sweep for direct tasks nobody reads (recovery.py)."""
         raise NotImplementedError
 
     def _maybe_finish_shutdown(self) -> None:
