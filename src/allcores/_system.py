@@ -16,7 +16,6 @@ __all__ = [
     "die_with_parent",
     "libc_prctl",
     "new_event_loop",
-    "os_thread_count",
     "raise_fd_limit",
     "release_forkserver",
     "signal_name",
@@ -31,17 +30,6 @@ def available_cpus() -> int:
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
     return max(1, os.cpu_count() or 1)
-
-
-def os_thread_count() -> int:
-    """Threads of this process as the OS sees them, C threads (OpenBLAS, gRPC) included;
-    `threading.active_count()` misses those, and fork is only safe with one."""
-    try:
-        return len(os.listdir("/proc/self/task"))
-    except OSError:
-        import threading
-
-        return threading.active_count()
 
 
 def die_with_parent(parent_pid: int | None) -> None:

@@ -111,9 +111,9 @@ class LoopThread:
         """Wait until the thread has ended, and the OS has removed it too.
 
         The thread's last step comes a moment before the kernel thread is gone; a
-        pool created right after would still count two threads and start its workers
-        by forkserver (60 ms) instead of fork. That wait is bounded (50 ms) and
-        usually a few µs.
+        pool created right after would fork its zygote from a process the OS still
+        counts as threaded (Python 3.12+ then warns that the fork may deadlock). That
+        wait is bounded (50 ms) and usually a few µs.
         """
         if not self._started:
             return

@@ -25,7 +25,7 @@ AUTO_MAX_QUEUE = 100_000
 # an idle machine the workers still get every cycle.
 DEFAULT_NICE = 5
 # A worker above min_workers idle for this long exits; a minute absorbs bursty load
-# without paying a fork (or a ~60 ms forkserver start) on every burst.
+# without paying a fork on every burst.
 DEFAULT_IDLE_TIMEOUT = 60.0
 
 
@@ -70,8 +70,8 @@ class PoolSettings:
             # concurrent.futures' own words: code and tests match on them.
             raise ValueError("max_workers must be greater than 0")
         if min_workers is None:
-            # All workers start ahead: a pool exists to be used, and workers started
-            # later from a threaded parent cost a forkserver start (~60 ms) each.
+            # All workers start ahead: a pool exists to be used, and its first
+            # tasks should not wait for forks.
             min_workers = max_workers
         if not 0 <= min_workers <= max_workers:
             raise ValueError(f"min_workers must be in 0..max_workers, got {min_workers}")
