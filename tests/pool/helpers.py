@@ -78,6 +78,12 @@ def read_state(_ignored: Any = None) -> Any:
     return STATE.get("value")
 
 
+def init_report(queue: Any, lock: Any) -> None:
+    """An initializer whose initargs are a multiprocessing Queue and Lock."""
+    with lock:
+        queue.put(os.getpid())
+
+
 def failing_init() -> None:
     raise RuntimeError("initializer says no")
 

@@ -16,8 +16,9 @@ docs/pool.md ("CPython's executor tests") lists the differences by design.
 Start methods: fork for every family; forkserver too where a family builds pools
 (its server starts once per session, then a worker costs about what a fork does);
 spawn only for the initializer tests, as a spawned pool of 5 costs ~0.7 s to start.
-The failing initializer runs with fork only: under forkserver its multiprocessing
-Queue has named semaphores, which its failing setUp leaves in /dev/shm.
+The failing initializer runs with fork only: under forkserver the test's own
+multiprocessing Queue has named semaphores, which stay in /dev/shm until the test
+case object goes, after this suite's leak check (it passes there otherwise).
 The wait and as_completed families test `concurrent.futures.wait` over Pool's
 futures, whose start method does not matter, and sleep for ~10 s: fork only.
 """
@@ -341,14 +342,6 @@ class PoolSpawnInitializerTest(PoolSpawn, cases.InitializerMixin, cases.BaseTest
 
 
 class PoolFailingInitializer(cases.FailingInitializerMixin):
-    test_initializer = bug(
-        "initargs cannot hold a multiprocessing Queue (or Lock, Event...): Pool pickles "
-        "them in __init__ (cloudpickle, for every start method), which such objects "
-        "refuse outside of a process start ('should only be shared between processes "
-        "through inheritance'); ProcessPoolExecutor hands them to Process(args=...)",
-        cases.FailingInitializerMixin.test_initializer,
-    )
-
     @contextlib.contextmanager
     def _assert_logged(self, msg: str) -> Iterator[None]:
         # Adapted: Pool does not log the initializer's exception (to the

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -20,6 +22,7 @@ from allcores.pool import (
     Pool,
     PoolClosedError,
     RemoteTraceback,
+    WorkerCrashedError,
 )
 from allcores.pool.scheduler import PREFETCH
 from tests.pool import helpers
@@ -93,6 +96,43 @@ def test_unpicklable_result_fails_the_task_and_the_worker_carries_on() -> None:
 def test_initializer_runs_in_every_worker() -> None:
     with Pool(2, initializer=helpers.init_state, initargs=("ready",)) as pool:
         assert set(pool.map(helpers.read_state, range(4), chunksize=1)) in ({"ready"},)
+
+
+@pytest.mark.parametrize("start_method", ["fork", "forkserver"])
+def test_initargs_may_hold_a_multiprocessing_queue_and_lock(start_method: str) -> None:
+    """As with ProcessPoolExecutor: initargs go with each worker's start (inherited, or
+    pickled by multiprocessing), never pickled on their own, which such objects refuse."""
+    context = multiprocessing.get_context(start_method)
+    queue, lock = context.Queue(), context.Lock()
+    try:
+        with Pool(
+            2, mp_context=context, initializer=helpers.init_report, initargs=(queue, lock)
+        ) as pool:
+            first = set(pool.worker_pids())
+            assert pool.submit(helpers.add, 1).result(timeout=30) == 2
+            # A replacement runs the initializer too, with the same queue.
+            with pytest.raises(WorkerCrashedError):
+                pool.submit(helpers.exit_hard, 3).result(timeout=30)
+            assert pool.submit(helpers.add, 2).result(timeout=30) == 3
+            reported = {queue.get(timeout=30) for _ in range(3)}
+            assert first < reported and len(reported) == 3
+    finally:
+        queue.close()
+        queue.join_thread()
+        # Named semaphores (forkserver) go with their objects: before the leak check.
+        del queue, lock
+        gc.collect()
+
+
+def test_a_lambda_initializer_is_inherited_by_forked_workers() -> None:
+    with Pool(1, initializer=lambda: helpers.init_state("from a lambda")) as pool:
+        assert pool.submit(helpers.read_state).result(timeout=30) == "from a lambda"
+
+
+def test_an_initializer_spawn_cannot_pickle_says_what_to_do() -> None:
+    with pytest.raises(Exception, match="pickle") as info:
+        Pool(1, start_method="spawn", initializer=lambda: None)
+    assert "module-level function" in "".join(getattr(info.value, "__notes__", []))
 
 
 def test_failing_initializer_stops_the_pool_instead_of_respawning() -> None:

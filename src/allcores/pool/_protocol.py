@@ -3,7 +3,7 @@
 ::
 
     pool (parent)                                   worker (blocking loop, `serve`)
-    SETUP {worker id, initializer, scoreboard} ──►  attach scoreboard row, run initializer
+    SETUP {worker id, scoreboard} ──────────────►  attach scoreboard row, run initializer
                                                ◄──  READY {pid, pull} | INIT_FAILED (exc, tb)
     TASK  id (fn blob, args, kwargs)           ──►  fn(*args, **kwargs)
     CHUNK id (fn blob, [args, ...])            ──►  [fn(*args) for each]
@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import collections
 import os
-import pickle
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from allcores.errors import ChannelClosed
@@ -77,6 +77,10 @@ SKIP_POLL_INTERVAL = 0.001
 # further apart never spins, so an idle or sporadic pool burns nothing.
 WORKER_SPIN = 50e-6
 SPIN_GAP = 100e-6
+
+
+# What a worker runs once before its first task: the pool's initializer and initargs.
+Initializer = tuple[Callable[..., object], tuple[Any, ...]]
 
 
 class Endpoint(Protocol):
@@ -152,7 +156,7 @@ def pack_stop() -> bytes | bytearray:
     return pack(STOP, 0, None).payload
 
 
-def _setup(endpoint: Endpoint) -> _RowWriter | None:
+def _setup(endpoint: Endpoint, initializer: Initializer | None) -> _RowWriter | None:
     """Read SETUP, run the initializer; None when the worker must stop."""
     try:
         payload, fds = endpoint.recv_bytes()
@@ -168,10 +172,9 @@ def _setup(endpoint: Endpoint) -> _RowWriter | None:
         row.set("state", RowState.STARTING)
         row.set("started", time.monotonic())
         row.beat()
-    initializer = setup.get("initializer")
     if initializer is not None:
         try:
-            fn, args = pickle.loads(initializer)
+            fn, args = initializer
             fn(*args)
         except BaseException as exc:
             packed = pack_error(INIT_FAILED, 0, exc)
@@ -250,10 +253,14 @@ def _fits(packed: Packed) -> Packed:
     )
 
 
-def serve(endpoint: Endpoint) -> None:
-    """The worker's life: setup, then tasks until STOP or the channel's end."""
+def serve(endpoint: Endpoint, initializer: Initializer | None = None) -> None:
+    """The worker's life: setup, then tasks until STOP or the channel's end.
+
+    *initializer* (a function and its arguments) comes with the process's start, as
+    ProcessPoolExecutor's does: inherited by fork, or pickled by multiprocessing for
+    forkserver and spawn, which lets initargs hold a multiprocessing Queue or Lock."""
     try:
-        row = _setup(endpoint)
+        row = _setup(endpoint, initializer)
     except ChannelClosed:
         return  # The pool shut down while this worker started.
     if row is None:

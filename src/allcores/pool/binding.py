@@ -100,7 +100,7 @@ class Binding(PoolState):
             if (
                 first is not None
                 and self._private_thread is None
-                and self._initializer_blob is None
+                and self._settings.initializer is None
             ):
                 for worker in self._workers.values():
                     if (

@@ -100,7 +100,15 @@ class Pool(Shutdown, concurrent.futures.Executor):
             start_method=start_method,
         )
         if backend is None:
-            backend = ProcessBackend(start_method=settings.start_method, nice=settings.nice)
+            backend = ProcessBackend(
+                start_method=settings.start_method,
+                nice=settings.nice,
+                initializer=None
+                if settings.initializer is None
+                else (settings.initializer, settings.initargs),
+            )
+        elif settings.initializer is not None:
+            raise ValueError("a Pool given a backend= takes no initializer; give it to the backend")
         if scoreboard is None:
             rows = list(range(settings.max_workers))
             super().__init__(settings, backend, Scoreboard.create(settings.max_workers), True, rows)

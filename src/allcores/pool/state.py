@@ -70,13 +70,6 @@ class PoolState:
     ) -> None:
         self._settings = settings
         self._backend = backend
-        self._initializer_blob: bytes | None = None
-        if settings.initializer is not None:
-            import cloudpickle
-
-            self._initializer_blob = cloudpickle.dumps(
-                (settings.initializer, settings.initargs), protocol=5
-            )
         self._scoreboard = scoreboard
         self._owns_scoreboard = owns_scoreboard
 

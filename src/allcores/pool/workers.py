@@ -45,7 +45,6 @@ class WorkerSet(Binding):
         self._scoreboard.row(row).clear(0, RowState.STARTING)
         setup = {
             "worker_id": worker.id,
-            "initializer": self._initializer_blob,
             "scoreboard": self._scoreboard.segment,
             "scoreboard_rows": self._scoreboard.rows,
             "row": row,

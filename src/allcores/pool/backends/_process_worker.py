@@ -13,10 +13,12 @@ import socket
 
 from allcores._system import die_with_parent, release_forkserver
 from allcores.ipc.channel import Channel
-from allcores.pool._protocol import serve
+from allcores.pool._protocol import Initializer, serve
 
 
-def main(sock: socket.socket, parent_pid: int | None, nice: int) -> None:
+def main(
+    sock: socket.socket, parent_pid: int | None, nice: int, initializer: Initializer | None
+) -> None:
     """Serve the pool over *sock*; *parent_pid* is the process that started this one
     (the pool's zygote), or None when that is not known (forkserver, spawn)."""
     die_with_parent(parent_pid)
@@ -28,6 +30,6 @@ def main(sock: socket.socket, parent_pid: int | None, nice: int) -> None:
             os.nice(nice)
     channel = Channel(sock, raw=True)
     try:
-        serve(channel)
+        serve(channel, initializer)
     finally:
         channel.close()

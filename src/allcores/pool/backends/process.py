@@ -30,6 +30,7 @@ import logging
 import multiprocessing
 import multiprocessing.context
 import multiprocessing.forkserver
+import pickle
 import socket
 import threading
 from collections.abc import Callable, Sequence
@@ -41,7 +42,7 @@ from allcores.child.zygote import Spawned, Zygote
 from allcores.errors import ChannelError
 from allcores.ipc.async_channel import AsyncChannel
 from allcores.ipc.channel import Channel, channel_pair
-from allcores.pool._protocol import pack_setup, pack_stop
+from allcores.pool._protocol import Initializer, pack_setup, pack_stop
 from allcores.pool.backends import _process_worker
 from allcores.pool.backends.base import (
     Backend,
@@ -300,7 +301,13 @@ class ProcessWorker(BackendWorker):
 
 
 class ProcessBackend(Backend):
-    """Workers are processes. *nice* is added to each worker's niceness."""
+    """Workers are processes. *nice* is added to each worker's niceness; *initializer*
+    (a function and its arguments) runs in each before its first task.
+
+    The initializer goes with each worker's start, as ProcessPoolExecutor's does:
+    the zygote, forked now, holds it in memory and every worker it forks inherits
+    it; forkserver and spawn have multiprocessing pickle it with the process, which
+    lets initargs hold a multiprocessing Queue, Lock or Event."""
 
     name = "process"
     capabilities = Capabilities(
@@ -313,6 +320,7 @@ class ProcessBackend(Backend):
         start_method: str | None = None,
         mp_context: multiprocessing.context.BaseContext | None = None,
         nice: int = 0,
+        initializer: Initializer | None = None,
     ) -> None:
         if mp_context is not None and start_method is None:
             start_method = mp_context.get_start_method()
@@ -322,11 +330,12 @@ class ProcessBackend(Backend):
             )
         self.start_method = start_method or "fork"
         self.nice = nice
+        self._initializer = initializer
         self._zygote: Zygote | None = None
         self._on_exit: dict[int, OnExitCode] = {}  # zygote children, by spawn number
         self._early_exits: dict[int, int | None] = {}  # told before being watched
         if self.start_method == "fork":
-            self._zygote = Zygote(_process_worker.main, (nice,))
+            self._zygote = Zygote(_process_worker.main, (nice, initializer))
 
     def start_is_slow(self) -> bool:
         return self._zygote is None
@@ -347,11 +356,21 @@ class ProcessBackend(Backend):
                     process = multiprocessing.get_context(self.start_method).Process(  # type: ignore[attr-defined]
                         target=_process_worker.main,
                         # Its parent is the forkserver, or a spawn trampoline: not us.
-                        args=(child_sock, None, self.nice),
+                        args=(child_sock, None, self.nice, self._initializer),
                         name=name,
                         daemon=False,
                     )
-                    process.start()
+                    try:
+                        process.start()
+                    except (pickle.PicklingError, AttributeError, TypeError) as exc:
+                        if self._initializer is not None:
+                            exc.add_note(
+                                f"(start_method={self.start_method!r} pickles the pool's "
+                                "initializer and initargs for each worker, as "
+                                "ProcessPoolExecutor does: give a module-level function, or "
+                                "use the default start method, which forks them)"
+                            )
+                        raise
                     child = WatchedProcess(process)
             finally:
                 child_sock.close()
