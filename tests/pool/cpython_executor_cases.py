@@ -1170,7 +1170,7 @@ class FailingInitializerMixin(ExecutorMixin):
             # At some point, the executor should break
             # allcores: a bounded loop instead of support.sleeping_retry
             deadline = time.monotonic() + support.SHORT_TIMEOUT
-            while not self.executor._broken and time.monotonic() < deadline:
+            while not self.executor._engine._broken and time.monotonic() < deadline:
                 time.sleep(0.01)
 
             # ... and from this point submit() is guaranteed to fail

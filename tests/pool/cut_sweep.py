@@ -102,8 +102,8 @@ def _at_rest(pool: Pool) -> list[str]:
         wrong.append(f"{stats.queued} queued")
     if stats.busy or stats.idle + stats.starting != stats.workers:
         wrong.append(f"{stats.busy} busy, {stats.idle} idle of {stats.workers}")
-    if pool._direct_live:
-        wrong.append(f"{len(pool._direct_live)} direct tasks outstanding")
+    if pool._engine._direct_live:
+        wrong.append(f"{len(pool._engine._direct_live)} direct tasks outstanding")
     return wrong
 
 

@@ -79,7 +79,7 @@ def read_state(_ignored: Any = None) -> Any:
 
 
 def init_report(queue: Any, lock: Any) -> None:
-    """An initializer whose initargs are a multiprocessing Queue and Lock."""
+    """An initializer whose initargs are a multiprocessing queue and lock."""
     with lock:
         queue.put(os.getpid())
 

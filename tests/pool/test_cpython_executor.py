@@ -2,14 +2,14 @@
 
 The tests themselves are CPython's, copied into cpython_executor_cases.py. Here each
 family is bound to `Pool` and a start method, and every test that does not pass as it
-is says why, in one of three ways:
+is says why, in one of two ways:
 
 - an override marked "Adapted": Pool differs by design, and the override checks Pool's
   side of the same behaviour (the error a crashed task gets, say);
 - `by_design(reason)`: the test reads ProcessPoolExecutor's internals, or pins
-  behaviour Pool replaces on purpose; skipped;
-- `bug(reason)`: Pool should pass it and does not; an xfail (strict unless the
-  failure is racy), to become a pass.
+  behaviour Pool replaces on purpose; skipped.
+
+Every other test passes as it is.
 
 docs/pool.md ("CPython's executor tests") lists the differences by design.
 
@@ -26,7 +26,6 @@ futures, whose start method does not matter, and sleep for ~10 s: fork only.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import signal
 import sys
@@ -55,20 +54,6 @@ def by_design(reason: str) -> Callable[[Any], None]:
         pass
 
     return test
-
-
-def bug(reason: str, test: Callable[[Any], None], *, strict: bool = True) -> Callable[[Any], None]:
-    """A CPython test that fails on a Pool bug: an xfail until the bug is fixed
-    (*strict* False only where the failure is racy).
-
-    A wrapper, so that the mark stays off the function the other classes share.
-    """
-
-    @functools.wraps(test)
-    def wrapper(self: Any) -> None:
-        test(self)
-
-    return pytest.mark.xfail(strict=strict, reason=f"bug: {reason}")(wrapper)
 
 
 def keep_pool_until_cleanup(case: unittest.TestCase, pool: Pool) -> None:
@@ -176,7 +161,7 @@ class PoolShutdownTest(cases.ProcessPoolShutdownTest, cases.ExecutorMixin):
             self.assertEqual(list(e.map(abs, range(-5, 5))), [5, 4, 3, 2, 1, 0, 1, 2, 3, 4])
         self.assertEqual(wait_gone(pids), set())
 
-    def _del_shutdown(self) -> None:
+    def test_del_shutdown(self) -> None:
         executor = self.executor_type(max_workers=5, mp_context=self.get_context())
         keep_pool_until_cleanup(self, executor)
         res = executor.map(abs, range(-5, 5))
@@ -184,18 +169,11 @@ class PoolShutdownTest(cases.ProcessPoolShutdownTest, cases.ExecutorMixin):
         executor_ref = weakref.ref(executor)
         del executor
         cases.support.gc_collect()
-        # Nothing can shut down a pool that outlives its last reference (checked
-        # first: waiting for its workers would only time out).
+        # Checked first: a pool that outlived its last reference would never shut
+        # down, and waiting for its workers would only time out.
         self.assertIsNone(executor_ref())
         self.assertEqual(wait_gone(pids), set())
         assert all(r == abs(v) for r, v in zip(res, range(-5, 5), strict=True))
-
-    test_del_shutdown = bug(
-        "a Pool dropped without shutdown() is never collected, so never shut down: its "
-        "private loop thread's callbacks refer to it, and so does the map iterator "
-        "(MapIterator._pool); its workers live until the interpreter exits",
-        _del_shutdown,
-    )
 
     def test_shutdown_no_wait(self) -> None:
         executor = self.executor_type(max_workers=5, mp_context=self.get_context())
@@ -348,7 +326,7 @@ class PoolFailingInitializer(cases.FailingInitializerMixin):
         # concurrent.futures logger, in the worker); it is the __cause__ of the
         # InitializerError (a BrokenExecutor) that pending and later tasks get.
         yield
-        broken = self.executor._broken
+        broken = self.executor._engine._broken
         self.assertIsInstance(broken, BrokenExecutor)
         self.assertIn(msg, "".join(traceback.format_exception(broken)))
 

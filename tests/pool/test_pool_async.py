@@ -18,8 +18,8 @@ async def test_run_binds_to_the_running_loop() -> None:
     async with Pool(2) as pool:
         results = await asyncio.gather(*(pool.run(helpers.add, i, y=2) for i in range(200)))
         assert results == [i + 2 for i in range(200)]
-        assert pool._loop is asyncio.get_running_loop()
-        assert pool._private_thread is None
+        assert pool._engine._loop is asyncio.get_running_loop()
+        assert pool._engine._private_thread is None
 
 
 async def test_run_from_another_loop_is_bridged() -> None:

@@ -103,7 +103,9 @@ def test_initargs_may_hold_a_multiprocessing_queue_and_lock(start_method: str) -
     """As with ProcessPoolExecutor: initargs go with each worker's start (inherited, or
     pickled by multiprocessing), never pickled on their own, which such objects refuse."""
     context = multiprocessing.get_context(start_method)
-    queue, lock = context.Queue(), context.Lock()
+    # SimpleQueue: put() writes at once, where a Queue's feeder thread could still
+    # hold the report when the worker dies (os._exit) in its first task.
+    queue, lock = context.SimpleQueue(), context.Lock()
     try:
         with Pool(
             2, mp_context=context, initializer=helpers.init_report, initargs=(queue, lock)
@@ -114,11 +116,16 @@ def test_initargs_may_hold_a_multiprocessing_queue_and_lock(start_method: str) -
             with pytest.raises(WorkerCrashedError):
                 pool.submit(helpers.exit_hard, 3).result(timeout=30)
             assert pool.submit(helpers.add, 2).result(timeout=30) == 3
-            reported = {queue.get(timeout=30) for _ in range(3)}
+            reported = set()
+            for _ in range(3):
+                deadline = time.monotonic() + 30
+                while queue.empty() and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                assert not queue.empty(), f"reports so far: {reported}"
+                reported.add(queue.get())
             assert first < reported and len(reported) == 3
     finally:
         queue.close()
-        queue.join_thread()
         # Named semaphores (forkserver) go with their objects: before the leak check.
         del queue, lock
         gc.collect()
@@ -189,7 +196,7 @@ def test_a_submit_racing_shutdown_from_another_thread_still_runs() -> None:
     pool = Pool(1)
     pool.submit(helpers.add, 0).result(timeout=30)  # the worker is ready and idle
     gate = threading.Event()
-    pool._call(gate.wait, 30)  # hold the loop: what follows queues up behind it
+    pool._engine._call(gate.wait, 30)  # hold the loop: what follows queues up behind it
     pool.shutdown(wait=False)  # shutdown begins first...
     late = pool.schedule(helpers.add, (41,), timeout=60)  # ...then the task (not direct)
     gate.set()
@@ -263,7 +270,7 @@ def test_mp_context_forces_the_start_method() -> None:
 
     with Pool(1, mp_context=multiprocessing.get_context("forkserver")) as pool:
         assert pool.submit(lambda: 5).result(timeout=60) == 5
-        assert pool._backend.start_method == "forkserver"  # type: ignore[attr-defined]
+        assert pool._engine._backend.start_method == "forkserver"  # type: ignore[attr-defined]
 
 
 def test_fork_by_default_with_no_warning() -> None:
@@ -271,7 +278,7 @@ def test_fork_by_default_with_no_warning() -> None:
         """
         from allcores.pool import Pool
         pool = Pool(1)
-        print(pool._backend.start_method)
+        print(pool._engine._backend.start_method)
         pool.shutdown()
         """
     )
@@ -294,7 +301,7 @@ async def test_run_in_executor() -> None:
             *(loop.run_in_executor(pool, helpers.square, i) for i in range(10))
         )
         assert results == [i * i for i in range(10)]
-        assert pool._private_thread is None  # the running loop reads the workers itself
+        assert pool._engine._private_thread is None  # the running loop reads the workers itself
     finally:
         await pool.aclose()
 

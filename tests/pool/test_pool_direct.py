@@ -1,7 +1,7 @@
 """Direct round trips: a thread that submits to an idle worker sends the task itself,
 and reads the reply itself when it waits with ``result()``; otherwise the loop does.
 
-Each test checks ``pool._direct_sent`` so that it cannot pass through the loop's path
+Each test checks ``pool._engine._direct_sent`` so that it cannot pass through the loop's path
 by accident.
 """
 
@@ -41,19 +41,19 @@ def _warm(pool: Pool) -> None:
     # A new pool's first reply can be read before the loop has seen the worker's
     # READY (the caller reads both and passes READY on): it is idle only after that.
     deadline = time.monotonic() + 30
-    while len(pool._idle) < pool.settings.max_workers and time.monotonic() < deadline:
+    while len(pool._engine._idle) < pool.settings.max_workers and time.monotonic() < deadline:
         time.sleep(0.001)
-    assert len(pool._idle) == pool.settings.max_workers
+    assert len(pool._engine._idle) == pool.settings.max_workers
 
 
 def test_one_by_one_goes_direct_and_is_counted() -> None:
     with Pool(2) as pool:
         _warm(pool)
-        before = pool._direct_sent
+        before = pool._engine._direct_sent
         assert [pool.submit(helpers.add, i).result(timeout=30) for i in range(200)] == [
             i + 1 for i in range(200)
         ]
-        assert pool._direct_sent - before == 200
+        assert pool._engine._direct_sent - before == 200
         stats = pool.stats()
         assert stats.completed >= 200 and stats.run_time.count >= 200
         assert stats.busy == 0 and stats.idle == 2
@@ -62,12 +62,12 @@ def test_one_by_one_goes_direct_and_is_counted() -> None:
 def test_a_direct_task_nobody_calls_result_on_still_completes() -> None:
     with Pool(2) as pool:
         _warm(pool)
-        before = pool._direct_sent
+        before = pool._engine._direct_sent
         plain = pool.submit(helpers.add, 1)
         called = threading.Event()
         with_callback = pool.submit(helpers.add, 2)
         with_callback.add_done_callback(lambda _f: called.set())
-        assert pool._direct_sent - before == 2
+        assert pool._engine._direct_sent - before == 2
         done, _pending = concurrent.futures.wait([plain], timeout=30)
         assert plain in done
         assert called.wait(30)
@@ -81,9 +81,9 @@ def test_a_direct_task_nobody_calls_result_on_still_completes() -> None:
 def test_result_with_a_timeout_that_passes_then_again() -> None:
     with Pool(1) as pool:
         _warm(pool)
-        before = pool._direct_sent
+        before = pool._engine._direct_sent
         slow = pool.submit(helpers.sleep_then, 0.5, "done")
-        assert pool._direct_sent - before == 1
+        assert pool._engine._direct_sent - before == 1
         with pytest.raises(concurrent.futures.TimeoutError):
             slow.result(timeout=0.05)
         assert slow.result(timeout=30) == "done"
@@ -95,9 +95,9 @@ def test_a_crash_while_the_caller_reads_fails_that_task_only() -> None:
     with Pool(1) as pool:
         _warm(pool)
         first = pool.worker_pids()
-        before = pool._direct_sent
+        before = pool._engine._direct_sent
         crashing = pool.submit(helpers.exit_hard, 7)
-        assert pool._direct_sent - before == 1
+        assert pool._engine._direct_sent - before == 1
         with pytest.raises(WorkerCrashedError) as info:
             crashing.result(timeout=30)
         assert info.value.exitcode == 7
@@ -109,10 +109,10 @@ def test_a_crash_while_the_caller_reads_fails_that_task_only() -> None:
 def test_errors_come_back_with_their_traceback() -> None:
     with Pool(1) as pool:
         _warm(pool)
-        before = pool._direct_sent
+        before = pool._engine._direct_sent
         with pytest.raises(ValueError, match="direct"):
             pool.submit(helpers.raise_value_error, "direct").result(timeout=30)
-        assert pool._direct_sent - before == 1
+        assert pool._engine._direct_sent - before == 1
         assert pool.stats().failed == 1
 
 
@@ -126,7 +126,7 @@ def test_many_threads_one_by_one() -> None:
 
     with Pool(2) as pool:
         _warm(pool)
-        before = pool._direct_sent
+        before = pool._engine._direct_sent
         threads = [threading.Thread(target=run, args=(t,)) for t in range(4)]
         for thread in threads:
             thread.start()
@@ -134,16 +134,16 @@ def test_many_threads_one_by_one() -> None:
             thread.join(timeout=120)
         assert all(not thread.is_alive() for thread in threads)
         assert results == {t: [i + t for i in range(150)] for t in range(4)}
-        assert pool._direct_sent > before  # some went direct, the rest through the loop
+        assert pool._engine._direct_sent > before  # some went direct, the rest through the loop
         assert pool.stats().completed >= 600
 
 
 def test_shutdown_waits_for_a_direct_task_nobody_waits_on() -> None:
     pool = Pool(1)
     _warm(pool)
-    before = pool._direct_sent
+    before = pool._engine._direct_sent
     slow = pool.submit(helpers.sleep_then, 0.3, "kept")
-    assert pool._direct_sent - before == 1
+    assert pool._engine._direct_sent - before == 1
     pool.shutdown(wait=True)
     assert slow.done() and slow.result() == "kept"
 
@@ -151,7 +151,7 @@ def test_shutdown_waits_for_a_direct_task_nobody_waits_on() -> None:
 def test_max_tasks_per_child_counts_direct_tasks() -> None:
     with Pool(1, max_tasks_per_child=2) as pool:
         pids = [pool.submit(helpers.pid).result(timeout=30) for _ in range(6)]
-        assert pool._direct_sent >= 2
+        assert pool._engine._direct_sent >= 2
         assert len(set(pids)) == 3 and pids[0] == pids[1] and pids[2] == pids[3]
 
 
@@ -176,9 +176,9 @@ def test_polling_result_with_tiny_timeouts_completes() -> None:
     # Each timed-out result() hands the reply back; the last one must still get it.
     with Pool(1) as pool:
         _warm(pool)
-        before = pool._direct_sent
+        before = pool._engine._direct_sent
         slow = pool.submit(helpers.sleep_then, 0.3, "polled")
-        assert pool._direct_sent - before == 1
+        assert pool._engine._direct_sent - before == 1
         deadline = time.monotonic() + 30
         value = None
         while time.monotonic() < deadline:
@@ -251,9 +251,9 @@ def test_an_interrupted_wait_loses_nothing() -> None:
         with Pool(1) as pool:
             _warm(pool)
             (pid,) = pool.worker_pids()
-            before = pool._direct_sent
+            before = pool._engine._direct_sent
             task = pool.submit(helpers.sleep_then, 0.5, "kept")
-            assert pool._direct_sent - before == 1
+            assert pool._engine._direct_sent - before == 1
             signal.setitimer(signal.ITIMER_REAL, 0.05)  # while the caller waits
             try:
                 task.result(timeout=30)
@@ -276,7 +276,7 @@ def test_an_interrupt_after_the_reply_was_read_still_settles_the_task(
     # thread holds it, so the pool must settle the task from it, not wait forever.
     with Pool(1) as pool:
         _warm(pool)
-        real = pool._finish_direct
+        real = pool._engine._finish_direct
         calls = []
 
         def interrupted_once(*args: object) -> bool:
@@ -285,7 +285,7 @@ def test_an_interrupt_after_the_reply_was_read_still_settles_the_task(
                 raise _Interrupted
             return real(*args)  # type: ignore[arg-type]
 
-        monkeypatch.setattr(pool, "_finish_direct", interrupted_once)
+        monkeypatch.setattr(pool._engine, "_finish_direct", interrupted_once)
         task = pool.submit(helpers.add, 41)
         with pytest.raises(_Interrupted):
             task.result(timeout=30)
@@ -295,7 +295,7 @@ def test_an_interrupt_after_the_reply_was_read_still_settles_the_task(
 
 
 def _only_worker(pool: Pool) -> Any:
-    (worker,) = pool._workers.values()
+    (worker,) = pool._engine._workers.values()
     return worker
 
 
@@ -317,10 +317,10 @@ def test_a_reply_lost_by_a_cut_read_fails_its_task_and_nothing_else(
             raise _Interrupted
 
         monkeypatch.setattr(handle, "read_now", read_then_drop)
-        monkeypatch.setattr(pool, "_spin_for_reply", lambda _handle: None)
-        before = pool._direct_sent
+        monkeypatch.setattr(pool._engine, "_spin_for_reply", lambda _handle: None)
+        before = pool._engine._direct_sent
         task = pool.submit(helpers.add, 41)
-        assert pool._direct_sent - before == 1
+        assert pool._engine._direct_sent - before == 1
         with pytest.raises(_Interrupted):
             task.result(timeout=30)
         monkeypatch.undo()
@@ -347,7 +347,7 @@ def test_a_read_cut_mid_frame_replaces_the_worker(monkeypatch: pytest.MonkeyPatc
             raise _Interrupted
 
         monkeypatch.setattr(reader, "read_from", take_some_then_cut)
-        monkeypatch.setattr(pool, "_spin_for_reply", lambda _handle: None)
+        monkeypatch.setattr(pool._engine, "_spin_for_reply", lambda _handle: None)
         task = pool.submit(helpers.add, 41)
         with pytest.raises(_Interrupted):
             task.result(timeout=30)
@@ -397,18 +397,18 @@ def test_a_cut_while_passing_another_frame_on_never_hangs(
         first_pid = handle.pid
         stray = pack_call(proto.TASK, 999_999, dump_function(helpers.add), (1,), {}, None)
         assert handle.send_from_thread(stray.payload, [])
-        real_post = pool._post
+        real_post = pool._engine._post
         cuts = []
 
         def cut_post(fn: Any, *args: Any) -> None:
-            if fn == pool._on_message and not cuts:
+            if fn == pool._engine._on_message and not cuts:
                 cuts.append(fn)
                 if posted:
                     real_post(fn, *args)
                 raise _Interrupted
             real_post(fn, *args)
 
-        monkeypatch.setattr(pool, "_post", cut_post)
+        monkeypatch.setattr(pool._engine, "_post", cut_post)
         task = pool.submit(helpers.add, 41)
         with pytest.raises(_Interrupted):
             task.result(timeout=30)
@@ -434,11 +434,11 @@ def test_a_submit_cut_before_its_frame_went_leaves_the_pool_working(
             raise _Interrupted
 
         monkeypatch.setattr(handle, "send_from_thread", cut_send)
-        before = pool._direct_sent
+        before = pool._engine._direct_sent
         with pytest.raises(_Interrupted):
             pool.submit(helpers.add, 41)
         monkeypatch.undo()
-        assert pool._direct_sent - before == 1
+        assert pool._engine._direct_sent - before == 1
         assert [pool.submit(helpers.add, i).result(timeout=30) for i in range(3)] == [1, 2, 3]
     assert pool.stats().failed == 1  # the cut task, which its caller never saw
 
@@ -515,8 +515,8 @@ def test_replies_sent_before_a_death_during_a_claim_are_read() -> None:
     with Pool(1) as pool:
         # Tiny tasks only, so that the loop sends the worker two at once (prefetch).
         assert pool.submit(helpers.add, 1).result(timeout=30) == 2
-        wait_until(lambda: len(pool._idle) == 1, timeout=30)
-        worker = next(iter(pool._workers.values()))
+        wait_until(lambda: len(pool._engine._idle) == 1, timeout=30)
+        worker = next(iter(pool._engine._workers.values()))
         handle = worker.handle
         assert isinstance(handle, ProcessWorker)
         # Named by this frame, as `_wait_direct` names its claim: the loop's check
@@ -536,6 +536,27 @@ def test_replies_sent_before_a_death_during_a_claim_are_read() -> None:
             assert handle._finish_deferred
         finally:
             assert handle.release_reading(resume=False, token=token)
+        assert ok.result(timeout=30) == 2
+        with pytest.raises(WorkerCrashedError):
+            crash.result(timeout=30)
+        assert pool.submit(helpers.add, 2).result(timeout=30) == 3
+
+
+def test_replies_of_a_dead_worker_the_loop_never_polled_are_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The exit's grace runs out before the loop polls the worker's socket again (uvloop
+    runs due timers before polling): the replies already there still settle their tasks."""
+    with Pool(1) as pool:
+        assert pool.submit(helpers.add, 1).result(timeout=30) == 2
+        wait_until(lambda: len(pool._engine._idle) == 1, timeout=30)
+        worker = next(iter(pool._engine._workers.values()))
+        handle = worker.handle
+        assert isinstance(handle, ProcessWorker)
+        # The idle worker's socket is not polled; from now on it never is again.
+        monkeypatch.setattr(handle, "resume_reading", lambda: None)
+        ok = pool.schedule(helpers.add, (1,), timeout=30)
+        crash = pool.schedule(helpers.exit_hard, (5,), timeout=30)
         assert ok.result(timeout=30) == 2
         with pytest.raises(WorkerCrashedError):
             crash.result(timeout=30)

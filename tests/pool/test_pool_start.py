@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("no_leftovers")
 def test_the_first_task_goes_to_a_starting_worker_and_the_pool_goes_on() -> None:
     with Pool(1) as pool:
         assert pool.submit(helpers.add, 1).result(timeout=30) == 2
-        assert pool._direct_sent == 1  # sent before READY, read by this thread
+        assert pool._engine._direct_sent == 1  # sent before READY, read by this thread
         # READY reached the loop: the worker takes the next tasks as any other.
         assert [pool.submit(helpers.add, i).result(timeout=30) for i in range(5)] == [
             1,
@@ -85,7 +85,7 @@ def test_a_worker_dying_before_ready_never_ran_its_early_task() -> None:
         try:
             pool.submit(helpers.add, 1).result(timeout=30)
         except InitializerError as exc:
-            print("InitializerError", pool._direct_sent, exc)
+            print("InitializerError", pool._engine._direct_sent, exc)
         finally:
             pool.shutdown()
         """
@@ -102,7 +102,7 @@ def test_with_an_initializer_the_first_task_waits_for_a_ready_worker() -> None:
     READY first, not early to one of them."""
     with Pool(2, initializer=helpers.init_state, initargs=("ready",)) as pool:
         assert pool.submit(helpers.read_state).result(timeout=30) == "ready"
-        assert pool._direct_sent == 0
+        assert pool._engine._direct_sent == 0
 
 
 def test_a_worker_dying_in_its_initializer_stops_the_pool() -> None:
@@ -131,8 +131,8 @@ def test_a_forked_worker_looks_like_a_multiprocessing_child() -> None:
         with Pool(1) as pool:
             seen = pool.submit(helpers.identity_in_worker).result(timeout=30)
             seen["worker_pid"] = pool.worker_pids()[0]
-            seen["method"] = pool._backend.start_method
-            seen["zygote"] = pool._backend._zygote.pid
+            seen["method"] = pool._engine._backend.start_method
+            seen["zygote"] = pool._engine._backend._zygote.pid
         seen["parent"] = os.getpid()
         print(json.dumps(seen))
         """
@@ -218,14 +218,14 @@ def test_workers_the_zygote_cannot_fork_stop_the_pool_with_the_reason_logged(
 def test_a_worker_killed_before_its_pid_is_read_is_replaced() -> None:
     with Pool(2) as pool:
         assert pool.submit(helpers.add, 1).result(timeout=30) == 2
-        worker = pool._workers[max(pool._workers)]
+        worker = pool._engine._workers[max(pool._engine._workers)]
         handle = worker.handle
         assert handle is not None and not handle._child._spawned._answered  # type: ignore[attr-defined]
-        pool._call(pool._kill, worker)  # killed by its spawn number
+        pool._engine._call(pool._engine._kill, worker)  # killed by its spawn number
         deadline = time.monotonic() + 30
-        while worker.id in pool._workers and time.monotonic() < deadline:
+        while worker.id in pool._engine._workers and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert worker.id not in pool._workers
+        assert worker.id not in pool._engine._workers
         assert [pool.submit(helpers.add, i).result(timeout=30) for i in range(4)] == [1, 2, 3, 4]
         assert handle.pid is not None and handle.pid not in pool.worker_pids()
         # The replacement is started by the loop's thread while this one goes on:

@@ -132,12 +132,12 @@ def test_large_bytes_arguments_reach_the_worker_intact_by_the_best_path(pool: Po
     blob = dump_function(helpers.sha256)
     if _pull.AVAILABLE and _pull.kernel_allows():
         # The worker copies the argument out of this process: no memfd, no fd.
-        assert pool._pull_ok
+        assert pool._engine._pull_ok
         packed = pack_call(proto.TASK, 1, blob, (data,), {}, pull_from=os.getpid())
         assert packed.segment is None and packed.fds == []
         assert len(packed.payload) < 1024
     else:
-        assert not pool._pull_ok
+        assert not pool._engine._pull_ok
     # Mutable or not bytes: always through the memfd.
     for value in (bytearray(data), memoryview(data)):
         packed = pack_call(proto.TASK, 1, blob, (value,), {}, pull_from=os.getpid())
@@ -154,29 +154,29 @@ def test_without_pulls_large_arguments_go_through_a_memfd(
         assert pool.submit(helpers.sha256, data).result(timeout=60) == (
             hashlib.sha256(data).hexdigest()
         )
-        assert not pool._pull_ok and pool._pull_never
+        assert not pool._engine._pull_ok and pool._engine._pull_never
 
 
 def test_a_worker_that_cannot_pull_turns_pulls_off_for_good() -> None:
     # A READY that says "pull": False (a seccomp profile denying the call, say).
     def ready(pool: Pool, pull: bool) -> None:
-        (worker,) = pool._workers.values()
+        (worker,) = pool._engine._workers.values()
         message = pack(proto.READY, 0, {"pid": 0, "pull": pull})
         done: concurrent.futures.Future[None] = concurrent.futures.Future()
 
         def deliver() -> None:  # on the pool's loop, like a real READY
-            pool._on_message(worker, message.payload, [])  # a ready worker: flags only
+            pool._engine._on_message(worker, message.payload, [])  # a ready worker: flags only
             done.set_result(None)
 
-        pool._call(deliver)
+        pool._engine._call(deliver)
         done.result(timeout=30)
 
     with Pool(1) as pool:
         pool.submit(helpers.add, 1).result(timeout=30)
         ready(pool, False)
-        assert not pool._pull_ok and pool._pull_never
+        assert not pool._engine._pull_ok and pool._engine._pull_never
         ready(pool, True)
-        assert not pool._pull_ok  # never again
+        assert not pool._engine._pull_ok  # never again
         data = os.urandom(1024 * 1024)
         assert pool.submit(helpers.sha256, data).result(timeout=60) == (
             hashlib.sha256(data).hexdigest()
@@ -191,16 +191,16 @@ def test_later_pools_trust_the_first_probe_that_succeeded() -> None:
     allowed = _pull.AVAILABLE and _pull.kernel_allows()
     assert _pull.verified == allowed
     with Pool(1) as later:
-        assert later._pull_ok == allowed  # before any READY came
+        assert later._engine._pull_ok == allowed  # before any READY came
         data = os.urandom(1024 * 1024)
         assert later.submit(helpers.sha256, data).result(timeout=60) == (
             hashlib.sha256(data).hexdigest()
         )
     # An initializer may take the right away (setuid): its workers probe after it.
     with Pool(1, initializer=helpers.init_state, initargs=(1,)) as initialized:
-        assert not initialized._pull_ok
+        assert not initialized._engine._pull_ok
         initialized.submit(helpers.add, 1).result(timeout=30)
-        assert initialized._pull_ok == allowed
+        assert initialized._engine._pull_ok == allowed
 
 
 def test_the_pull_probe_and_its_errors() -> None:

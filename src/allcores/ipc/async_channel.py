@@ -62,6 +62,10 @@ from allcores.ipc.frames import (
 
 __all__ = ["AsyncChannel", "OnClose", "OnMessage"]
 
+# `read_pending` reads at most this many times (each up to the reader's chunk): far
+# more than a dead peer's socket buffer holds.
+READ_PENDING_MAX = 4096
+
 OnMessage = Callable[[Any, list[int]], None]
 OnClose = Callable[[BaseException | None], None]
 
@@ -190,23 +194,37 @@ class AsyncChannel:
             self.close()
 
     def _on_readable(self) -> None:
+        self._read_some()
+
+    def read_pending(self) -> None:
+        """Read and deliver all the socket holds now, up to its EOF (loop thread), even
+        while paused: for a peer known to be gone, whose last frames must not be
+        dropped when the loop ends it before it polled the socket again. Bounded: a
+        process that inherited the peer's end could write for ever."""
+        for _ in range(READ_PENDING_MAX):
+            if not self._read_some():
+                return
+
+    def _read_some(self) -> bool:
+        """One read, its frames delivered; False once nothing more is there now."""
         if self._closed:
-            return
+            return False
         reader = self._reader
         try:
             eof = not reader.read_from(self._sock)
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError as exc:
             self._fail(ChannelError(f"channel broke while reading ({exc})"))
-            return
+            return False
         if eof:
             if reader.mid_frame():
                 self._fail(ChannelError("truncated frame: the peer closed the channel mid-message"))
             else:
                 self._fail(None)
-            return
+            return False
         self._deliver_buffered()
+        return True
 
     def _deliver_buffered(self) -> None:
         try:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from allcores.pool.chunking import ChunkSizer
 
 if TYPE_CHECKING:
-    from allcores.pool.pool import Pool
+    from allcores.pool.shutdown import PoolEngine
 
 __all__ = ["MAP_INFLIGHT_PER_WORKER", "MapIterator"]
 
@@ -43,7 +43,7 @@ class MapIterator(Iterator[R], AsyncIterator[R]):
 
     def __init__(
         self,
-        pool: Pool,
+        pool: PoolEngine,
         fn: Callable[..., R],
         iterables: tuple[Iterable[Any], ...],
         *,
@@ -55,13 +55,13 @@ class MapIterator(Iterator[R], AsyncIterator[R]):
         if not iterables:
             raise TypeError("map() needs at least one iterable")
         hint = operator.length_hint(iterables[0]) if len(iterables) == 1 else 0
-        self._sizer = ChunkSizer(chunksize, workers=pool.settings.max_workers, items_hint=hint)
+        self._sizer = ChunkSizer(chunksize, workers=pool._settings.max_workers, items_hint=hint)
         self._pool = pool
         self._fn = fn
         self._items: Iterator[tuple[Any, ...]] = zip(*iterables, strict=False)
         self._ordered = ordered
         self._deadline = None if timeout is None else time.monotonic() + timeout
-        self._max_inflight = MAP_INFLIGHT_PER_WORKER * pool.settings.max_workers
+        self._max_inflight = MAP_INFLIGHT_PER_WORKER * pool._settings.max_workers
         self._inflight: collections.deque[concurrent.futures.Future[Any]] = collections.deque()
         self._ready: collections.deque[R] = collections.deque()
         self._error: BaseException | None = None

@@ -22,7 +22,7 @@ _default: Pool | None = None
 
 
 def _usable(pool: Pool) -> bool:
-    loop = pool._loop
+    loop = pool._engine._loop
     return not pool.closed and (loop is None or not loop.is_closed())
 
 

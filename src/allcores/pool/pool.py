@@ -20,11 +20,15 @@ is the one path that runs in the caller's thread)::
                                                   prefetched ones go back to the queue front,
                                                   a replacement starts
 
-The class is built in layers, one mechanism a module; `allcores.pool.state` lists
-them. This module is the public API only: the constructor, the Executor methods,
-the asyncio methods and the insight ones. What is process-specific (start method,
-kill, exit codes, nice) lives in `allcores.pool.backends.process`; the pool sees
-only the `Backend` interface.
+The pool's machinery is `PoolEngine`, built in layers, one mechanism a module
+(`allcores.pool.state` lists them). `Pool`, here, is the object a user holds: the
+constructor, the Executor methods, the asyncio methods and the insight ones, each
+working on its engine. The engine's loop, futures and maps refer to the engine,
+never to the `Pool`: a `Pool` dropped without ``shutdown()`` is collected, as a
+ProcessPoolExecutor is, and its engine then shuts down once the work already given
+is done (`PoolEngine.dropped`), while futures and maps still get their results.
+What is process-specific (start method, kill, exit codes, nice) lives in
+`allcores.pool.backends.process`; the pool sees only the `Backend` interface.
 """
 
 from __future__ import annotations
@@ -33,19 +37,18 @@ import asyncio
 import concurrent.futures
 import multiprocessing.context
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, Literal, TypeVar
 
-from allcores._system import new_event_loop
 from allcores.observe.scoreboard import Scoreboard
 from allcores.pool.backends.base import Backend
 from allcores.pool.backends.process import ProcessBackend
 from allcores.pool.errors import InitializerError, PoolClosedError
 from allcores.pool.futures import PoolFuture
-from allcores.pool.loop import in_event_loop
 from allcores.pool.map import MapIterator
 from allcores.pool.settings import DEFAULT_IDLE_TIMEOUT, DEFAULT_NICE, PoolSettings, usable_cpus
-from allcores.pool.shutdown import _LIVE_POOLS, Shutdown
+from allcores.pool.shutdown import PoolEngine
 from allcores.pool.stats import PoolStats
 from allcores.pool.task import WorkerState
 
@@ -54,7 +57,7 @@ __all__ = ["MapIterator", "Pool", "PoolSettings", "usable_cpus"]
 R = TypeVar("R")
 
 
-class Pool(Shutdown, concurrent.futures.Executor):
+class Pool(concurrent.futures.Executor):
     """A pool of worker processes; a drop-in `ProcessPoolExecutor`, asyncio first.
 
     The first four parameters are ProcessPoolExecutor's. Beyond them: *min_workers*
@@ -99,6 +102,16 @@ class Pool(Shutdown, concurrent.futures.Executor):
             nice=nice,
             start_method=start_method,
         )
+        if scoreboard is not None:
+            rows = (
+                list(scoreboard_rows)
+                if scoreboard_rows is not None
+                else list(range(min(settings.max_workers, scoreboard.rows)))
+            )
+            if len(rows) < settings.max_workers:
+                raise ValueError(
+                    f"the scoreboard gives {len(rows)} rows for {settings.max_workers} workers"
+                )
         if backend is None:
             backend = ProcessBackend(
                 start_method=settings.start_method,
@@ -110,28 +123,19 @@ class Pool(Shutdown, concurrent.futures.Executor):
         elif settings.initializer is not None:
             raise ValueError("a Pool given a backend= takes no initializer; give it to the backend")
         if scoreboard is None:
-            rows = list(range(settings.max_workers))
-            super().__init__(settings, backend, Scoreboard.create(settings.max_workers), True, rows)
-        else:
-            rows = (
-                list(scoreboard_rows)
-                if scoreboard_rows is not None
-                else list(range(min(settings.max_workers, scoreboard.rows)))
+            engine = PoolEngine(
+                settings,
+                backend,
+                Scoreboard.create(settings.max_workers),
+                True,
+                list(range(settings.max_workers)),
             )
-            if len(rows) < settings.max_workers:
-                raise ValueError(
-                    f"the scoreboard gives {len(rows)} rows for {settings.max_workers} workers"
-                )
-            super().__init__(settings, backend, scoreboard, False, rows)
-        # The loop a pool made outside any event loop will run: built now, before the
-        # first fork, it costs a third of what it does after (~0.2 vs ~0.6 ms, as every
-        # page the parent writes after a fork is copied), on the way to the first
-        # result (`_bind`).
-        if settings.min_workers and not backend.start_is_slow() and not in_event_loop():
-            self._spare_loop = new_event_loop()
-        _LIVE_POOLS.add(self)
-        for _ in range(settings.min_workers):
-            self._spawn()
+        else:
+            engine = PoolEngine(settings, backend, scoreboard, False, rows)
+        self._engine = engine
+        engine.begin()
+        # Not at interpreter exit: the engine's own exit handler sees to it then.
+        weakref.finalize(self, engine.dropped).atexit = False
 
     # ── public API: Executor ───────────────────────────────────────────────────
 
@@ -154,30 +158,31 @@ class Pool(Shutdown, concurrent.futures.Executor):
         timeout: float | None = None,
     ) -> concurrent.futures.Future[R]:
         """`submit` with a per-task *timeout* (seconds of running, not of waiting)."""
+        engine = self._engine
         # Pulled arguments are safe here: a submitted task is RUNNING once sent, so it
         # is never skipped (SKIP) while the worker may be reading them.
-        task = self._new_task(fn, args, kwargs or {}, timeout, pull=True, reserve=False)
+        task = engine._new_task(fn, args, kwargs or {}, timeout, pull=True, reserve=False)
         handed = False
         try:
             # Reserved here, inside the try: a Ctrl-C right after a reservation made
             # in `_new_task` would lose the task, and its queue slot with it.
-            self._reserve(task)
-            future: concurrent.futures.Future[R] = PoolFuture(self, task)
+            engine._reserve(task)
+            future: concurrent.futures.Future[R] = PoolFuture(engine, task)
             task.future = future
-            if self._on_loop_thread():
-                self._enqueue(task)
-            elif self._bound or not self._bind(first=task):
-                self._ensure_loop()
-                if not self._send_direct(task):
+            if engine._on_loop_thread():
+                engine._enqueue(task)
+            elif engine._bound or not engine._bind(first=task):
+                engine._ensure_loop()
+                if not engine._send_direct(task):
                     handed = True
-                    self._call(self._enqueue_from_thread, task)
+                    engine._call(engine._enqueue_from_thread, task)
         except BaseException as exc:
             # An error, or a Ctrl-C that may land anywhere above. A task handed to the
             # loop may be on its way: the loop, which sees it first if it went, tells.
             if handed and not isinstance(exc, PoolClosedError):
-                self._post(self._abandon, task)
+                engine._post(engine._abandon, task)
             else:
-                self._abandon(task)
+                engine._abandon(task)
             raise
         return future
 
@@ -194,30 +199,45 @@ class Pool(Shutdown, concurrent.futures.Executor):
         The result is both an iterator and an async iterator (``async for``), and
         can be awaited for a list.
         """
-        return MapIterator(self, fn, iterables, chunksize=chunksize, ordered=True, timeout=timeout)
+        return MapIterator(
+            self._engine, fn, iterables, chunksize=chunksize, ordered=True, timeout=timeout
+        )
 
     def imap(
         self, fn: Callable[..., R], *iterables: Iterable[Any], chunksize: int | None = None
     ) -> MapIterator[R]:
         """Like `map` (ordered, lazy, auto-chunked), without an overall timeout."""
-        return MapIterator(self, fn, iterables, chunksize=chunksize, ordered=True, timeout=None)
+        return MapIterator(
+            self._engine, fn, iterables, chunksize=chunksize, ordered=True, timeout=None
+        )
 
     def imap_unordered(
         self, fn: Callable[..., R], *iterables: Iterable[Any], chunksize: int | None = None
     ) -> MapIterator[R]:
         """Like `imap`, yielding results as chunks complete."""
-        return MapIterator(self, fn, iterables, chunksize=chunksize, ordered=False, timeout=None)
+        return MapIterator(
+            self._engine, fn, iterables, chunksize=chunksize, ordered=False, timeout=None
+        )
 
     def __enter__(self) -> Pool:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        engine = self._engine
         if exc_type is not None:
             # The block failed (or Ctrl-C): nobody reads its maps any more, so they
             # stop here rather than send the rest of their inputs.
-            for iterator in list(self._maps):
+            for iterator in list(engine._maps):
                 iterator.close()
-        self.shutdown(wait=True)
+        engine.shutdown(wait=True)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop taking tasks; finish (or, with *cancel_futures*, drop) the queued ones.
+
+        With *wait*, return once every worker has exited. On the pool's own event
+        loop thread it only starts the shutdown; ``await pool.aclose()`` waits.
+        """
+        self._engine.shutdown(wait, cancel_futures=cancel_futures)
 
     # ── public API: asyncio ────────────────────────────────────────────────────
 
@@ -231,27 +251,28 @@ class Pool(Shutdown, concurrent.futures.Executor):
         awaiting task cancels the pool task: a queued one is dropped, a running one
         has its worker killed and replaced.
         """
+        engine = self._engine
         running = asyncio.get_running_loop()
-        loop = self._ensure_loop()
-        task = self._new_task(fn, args, kwargs, timeout)
+        loop = engine._ensure_loop()
+        task = engine._new_task(fn, args, kwargs, timeout)
         if loop is running:
             future: asyncio.Future[R] = running.create_future()
             task.future = future
-            self._enqueue(task)
+            engine._enqueue(task)
             try:
                 return await future
             except asyncio.CancelledError:
                 if future.cancelled():
-                    self._cancel_task(task)
+                    engine._cancel_task(task)
                 raise
         bridge: concurrent.futures.Future[R] = concurrent.futures.Future()
         task.future = bridge
         task.bridged = True
-        self._call(self._enqueue, task)
+        engine._call(engine._enqueue, task)
         try:
             return await asyncio.wrap_future(bridge)
         except asyncio.CancelledError:
-            self._call(self._cancel_task, task)
+            engine._call(engine._cancel_task, task)
             raise
 
     def submit_async(
@@ -259,45 +280,47 @@ class Pool(Shutdown, concurrent.futures.Executor):
     ) -> asyncio.Future[R]:
         """Like `run`, as an `asyncio.Future`: ``future.cancel()`` cancels the task
         (a running one's worker is killed and replaced). Call it in a running loop."""
+        engine = self._engine
         running = asyncio.get_running_loop()
-        loop = self._ensure_loop()
-        task = self._new_task(fn, args, kwargs, timeout)
+        loop = engine._ensure_loop()
+        task = engine._new_task(fn, args, kwargs, timeout)
         if loop is running:
             future: asyncio.Future[R] = running.create_future()
             task.future = future
-            future.add_done_callback(lambda f: self._cancel_task(task) if f.cancelled() else None)
-            self._enqueue(task)
+            future.add_done_callback(lambda f: engine._cancel_task(task) if f.cancelled() else None)
+            engine._enqueue(task)
             return future
         bridge: concurrent.futures.Future[R] = concurrent.futures.Future()
         task.future = bridge
         task.bridged = True
-        self._call(self._enqueue, task)
+        engine._call(engine._enqueue, task)
         wrapped = asyncio.wrap_future(bridge)
         wrapped.add_done_callback(
-            lambda f: self._call(self._cancel_task, task) if f.cancelled() else None
+            lambda f: engine._call(engine._cancel_task, task) if f.cancelled() else None
         )
         return wrapped
 
     async def start(self) -> None:
         """Wait until the workers started ahead are ready; raises `InitializerError`."""
-        self._ensure_loop()
+        engine = self._engine
+        engine._ensure_loop()
         waiter: concurrent.futures.Future[None] = concurrent.futures.Future()
 
         def check() -> None:
-            if self._broken is not None:
-                waiter.set_exception(self._broken)
-            elif not any(w.state == WorkerState.STARTING for w in self._workers.values()):
+            if engine._broken is not None:
+                waiter.set_exception(engine._broken)
+            elif not any(w.state == WorkerState.STARTING for w in engine._workers.values()):
                 waiter.set_result(None)
             else:
-                self._ready_waiters.append(waiter)
+                engine._ready_waiters.append(waiter)
 
-        self._call(check)
+        engine._call(check)
         try:
             await asyncio.wrap_future(waiter)
         except InitializerError:
             # Reap the workers now: this loop may end right after the error, and a
             # worker never reaped would leave its socket's fd number registered.
-            await self.aclose()
+            await engine.aclose()
             raise
 
     async def __aenter__(self) -> Pool:
@@ -307,24 +330,29 @@ class Pool(Shutdown, concurrent.futures.Executor):
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
+    async def aclose(self, *, cancel_futures: bool = False) -> None:
+        """Shut down and wait for every worker to exit, without blocking the loop."""
+        await self._engine.aclose(cancel_futures=cancel_futures)
+
     async def wait_for_room(self) -> None:
         """Wait until the queue has room for one more task (back-pressure)."""
+        engine = self._engine
         waiter: concurrent.futures.Future[None] = concurrent.futures.Future()
 
         def check() -> None:
-            limit = self._settings.max_queue
-            if self._broken is not None:
-                waiter.set_exception(self._broken)
+            limit = engine._settings.max_queue
+            if engine._broken is not None:
+                waiter.set_exception(engine._broken)
                 return
             # Under _count_lock: a direct submit lowers _queued from another thread.
-            with self._count_lock:
-                room = limit is None or self._queued < limit
+            with engine._count_lock:
+                room = limit is None or engine._queued < limit
                 if not room:
-                    self._room_waiters.append(waiter)
+                    engine._room_waiters.append(waiter)
             if room:
                 waiter.set_result(None)
 
-        self._call(check)
+        engine._call(check)
         await asyncio.wrap_future(waiter)
 
     async def drain(self) -> None:
@@ -333,7 +361,8 @@ class Pool(Shutdown, concurrent.futures.Executor):
 
     def wait_drained(self, timeout: float | None = None) -> bool:
         """Block until the queue is empty; False if *timeout* passed first."""
-        if self._on_loop_thread():
+        engine = self._engine
+        if engine._on_loop_thread():
             raise RuntimeError(
                 "wait_drained() would block the pool's own loop; use await pool.drain()"
             )
@@ -344,53 +373,57 @@ class Pool(Shutdown, concurrent.futures.Executor):
         return True
 
     def _drain_waiter(self) -> concurrent.futures.Future[None]:
+        engine = self._engine
         waiter: concurrent.futures.Future[None] = concurrent.futures.Future()
 
         def check() -> None:
             # Under _count_lock: a direct submit lowers _queued from another thread.
-            with self._count_lock:
-                done = self._queued == 0 or self._broken is not None
+            with engine._count_lock:
+                done = engine._queued == 0 or engine._broken is not None
                 if not done:
-                    self._drain_waiters.append(waiter)
+                    engine._drain_waiters.append(waiter)
             if done:
                 waiter.set_result(None)
 
-        self._call(check)
+        engine._call(check)
         return waiter
 
     # ── insight ────────────────────────────────────────────────────────────────
 
     @property
     def settings(self) -> PoolSettings:
-        return self._settings
+        return self._engine._settings
 
     @property
     def scoreboard(self) -> Scoreboard:
-        return self._scoreboard
+        return self._engine._scoreboard
 
     @property
     def closed(self) -> bool:
-        return self._closing or self._closed.is_set()
+        engine = self._engine
+        return engine._closing or engine._closed.is_set()
 
     def worker_pids(self) -> list[int]:
         """PIDs of the live workers (for tests and tooling)."""
+        engine = self._engine
         return [
             w.handle.pid
-            for w in list(self._workers.values())
+            for w in list(engine._workers.values())
             if w.handle is not None and w.handle.pid is not None
         ]
 
     def stats(self) -> PoolStats:
         """Workers, queue, utilisation, counts, and run/wait-time percentiles."""
-        if self._on_loop_thread():
-            self._fold_direct_stats()
-        pending = list(self._direct_stats)  # not folded yet: counted here, read-only
-        workers = list(self._workers.values())
+        engine = self._engine
+        if engine._on_loop_thread():
+            engine._fold_direct_stats()
+        pending = list(engine._direct_stats)  # not folded yet: counted here, read-only
+        workers = list(engine._workers.values())
         now = time.monotonic()
-        alive = self._dead_worker_seconds + sum(now - w.started_at for w in workers)
-        counts = self._counts
+        alive = engine._dead_worker_seconds + sum(now - w.started_at for w in workers)
+        counts = engine._counts
         return PoolStats(
-            backend=self._backend.name,
+            backend=engine._backend.name,
             workers=sum(1 for w in workers if w.state != WorkerState.KILLED),
             busy=sum(1 for w in workers if w.inflight or w.direct is not None),
             idle=sum(
@@ -399,21 +432,20 @@ class Pool(Shutdown, concurrent.futures.Executor):
                 if w.state == WorkerState.READY and not w.inflight and w.direct is None
             ),
             starting=sum(1 for w in workers if w.state == WorkerState.STARTING),
-            queued=self._queued,
-            max_queue=self._settings.max_queue,
-            utilisation=min(1.0, self._busy_seconds / alive) if alive > 0 else 0.0,
+            queued=engine._queued,
+            max_queue=engine._settings.max_queue,
+            utilisation=min(1.0, engine._busy_seconds / alive) if alive > 0 else 0.0,
             submitted=counts["submitted"],
             completed=counts["completed"] + sum(1 for p in pending if p[0] == "completed"),
             failed=counts["failed"] + sum(1 for p in pending if p[0] == "failed"),
             crashed=counts["crashed"],
             timed_out=counts["timed_out"],
             cancelled=counts["cancelled"],
-            run_time=self._run_time.percentiles([p[1] for p in pending]),
-            wait_time=self._wait_time.percentiles([p[2] for p in pending]),
+            run_time=engine._run_time.percentiles([p[1] for p in pending]),
+            wait_time=engine._wait_time.percentiles([p[2] for p in pending]),
         )
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
-        return (
-            f"<allcores.Pool {self._backend.name} max_workers={self._settings.max_workers} {state}>"
-        )
+        name, workers = self._engine._backend.name, self.settings.max_workers
+        return f"<allcores.Pool {name} max_workers={workers} {state}>"

@@ -1,6 +1,6 @@
-"""Shutdown: finish (or drop) what is queued, stop every worker, release it all.
+"""`PoolEngine`, the top layer: start, shutdown, and the engine a `Pool` holds.
 
-::
+Shutdown finishes (or drops) what is queued, stops every worker, releases it all::
 
     shutdown() / aclose() / `with` exit ──► open maps send the rest of their inputs
         (as ProcessPoolExecutor's map has sent them all) ──► _begin_shutdown (loop):
@@ -9,6 +9,7 @@
         period by the backend) ──► its exit ──► _maybe_finish_shutdown
     no worker left ──► _release: backend, scoreboard, the loop's thread stops
     interpreter exit ──► _at_exit: like ProcessPoolExecutor, queued work completes
+    the user's Pool collected ──► dropped: a shutdown that does not wait
     a closed loop, or no loop ──► _terminate: kill without the loop, fail the rest
 
 Every pool alive is in `_LIVE_POOLS`, which the exit handler walks.
@@ -22,13 +23,15 @@ import concurrent.futures
 import contextlib
 import weakref
 
+from allcores._system import new_event_loop
 from allcores.pool.errors import PoolClosedError
+from allcores.pool.loop import in_event_loop
 from allcores.pool.replies import Replies
 from allcores.pool.task import TaskState, WorkerState
 
-__all__ = ["Shutdown"]
+__all__ = ["PoolEngine"]
 
-_LIVE_POOLS: weakref.WeakSet[Shutdown] = weakref.WeakSet()
+_LIVE_POOLS: weakref.WeakSet[PoolEngine] = weakref.WeakSet()
 
 
 def _shutdown_pools_at_exit() -> None:
@@ -41,7 +44,43 @@ def _shutdown_pools_at_exit() -> None:
 atexit.register(_shutdown_pools_at_exit)
 
 
-class Shutdown(Replies):
+class PoolEngine(Replies):
+    def begin(self) -> None:
+        """Start the workers wanted ahead (``min_workers``), from `Pool()`."""
+        settings = self._settings
+        # The loop a pool made outside any event loop will run: built now, before the
+        # first fork, it costs a third of what it does after (~0.2 vs ~0.6 ms, as every
+        # page the parent writes after a fork is copied), on the way to the first
+        # result (`_bind`).
+        if settings.min_workers and not self._backend.start_is_slow() and not in_event_loop():
+            self._spare_loop = new_event_loop()
+        _LIVE_POOLS.add(self)
+        for _ in range(settings.min_workers):
+            self._spawn()
+
+    def dropped(self) -> None:
+        """The user's `Pool` was collected without ``shutdown()``: shut down without
+        waiting, as a collected ProcessPoolExecutor does. The work already given runs
+        to its end and its futures and maps get their results; then the workers stop.
+
+        It may run in any thread, at any point where the collector runs: it only
+        asks the loop, or, for a pool never used, stops the idle workers."""
+        if self._closing or self._closed.is_set():
+            return
+        loop = self._loop
+        if loop is None or loop.is_closed() or not self._bound:
+            self._terminate()  # never used, or its loop is gone: nothing can run
+            return
+        try:
+            loop.call_soon_threadsafe(self._shutdown_dropped)
+        except RuntimeError:  # the loop closed meanwhile
+            self._terminate()
+
+    def _shutdown_dropped(self) -> None:
+        if not self._closing and not self._closed.is_set():
+            self._send_maps_rest()
+            self._begin_shutdown(False)
+
     def _send_maps_rest(self) -> None:
         """Open maps send every input left, so that their results can be read after
         the pool has shut down (`MapIterator.submit_rest`)."""

@@ -1,11 +1,12 @@
 """`PoolState`: everything a pool knows, in one place, and how a task is settled.
 
-`Pool` is built in layers, one module each, every layer a subclass of the one
-below; each adds the methods of one mechanism and writes only its own part of the
-state declared here::
+The pool's engine is built in layers, one module each, every layer a subclass of
+the one below; each adds the methods of one mechanism and writes only its own part
+of the state declared here. The `Pool` a user holds is not a layer: it holds the
+engine, and nothing in the engine refers back to it (so a dropped Pool is collected)::
 
-    pool.Pool            the public API: Executor and asyncio           pool.py
-    shutdown.Shutdown    shutdown, terminate, interpreter exit          shutdown.py
+    pool.Pool            the public API: Executor and asyncio, on an engine   pool.py
+    shutdown.PoolEngine  start, shutdown, terminate, interpreter exit   shutdown.py
     replies.Replies      frames from workers; a worker's end            replies.py
     recovery.DirectRecovery  the loop finishes what a direct read left  recovery.py
     direct.DirectLane    a caller's thread sends and reads itself       direct.py

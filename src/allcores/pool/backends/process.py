@@ -226,7 +226,7 @@ class ProcessWorker(BackendWorker):
             assert self._loop is not None
             if self._grace is not None:
                 self._grace.cancel()
-            self._grace = self._loop.call_later(_EOF_GRACE, self._finish)
+            self._grace = self._loop.call_later(_EOF_GRACE, self._grace_over)
 
     def read_now(self, timeout: float | None) -> tuple[bytes | bytearray, list[int]] | None:
         assert self._channel is not None and self._claimed
@@ -261,7 +261,17 @@ class ProcessWorker(BackendWorker):
         if not claimed:
             # An idle worker's reading is paused: read its EOF (and last frames) now.
             self.resume_reading()
-        self._grace = self._loop.call_later(_EOF_GRACE, self._finish)
+        self._grace = self._loop.call_later(_EOF_GRACE, self._grace_over)
+
+    def _grace_over(self) -> None:
+        """No EOF within the grace after the exit: end the worker, after reading what
+        it sent before it died. The loop may not have polled its socket yet (uvloop
+        runs due timers before polling), and those replies must not be lost."""
+        with self._claim_lock:
+            claimed = self._claimed
+        if not claimed and not self._exited and self._channel is not None:
+            self._channel.read_pending()  # its EOF ends the worker (`_on_channel_closed`)
+        self._finish()
 
     def _finish(self) -> None:
         if self._exited:
