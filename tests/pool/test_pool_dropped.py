@@ -97,12 +97,16 @@ def test_a_script_making_a_pool_per_call_keeps_no_processes() -> None:
         """
         import allcores, gc, psutil, time
 
-        seen = set()
+        seen = {}  # pid: creation time (this VM's pids wrap at 32768)
 
         def handle(x):
             pool = allcores.Pool(2)
             result = pool.submit(abs, -x).result()
-            seen.update(p.pid for p in psutil.Process().children(recursive=True))
+            for child in psutil.Process().children(recursive=True):
+                try:
+                    seen[child.pid] = child.create_time()
+                except psutil.Error:
+                    pass
             return result
 
         assert [handle(i) for i in range(10)] == list(range(10))
@@ -110,7 +114,8 @@ def test_a_script_making_a_pool_per_call_keeps_no_processes() -> None:
         def alive(pid):
             try:
                 process = psutil.Process(pid)
-                return (process.status() != psutil.STATUS_ZOMBIE
+                return (process.create_time() == seen[pid]
+                        and process.status() != psutil.STATUS_ZOMBIE
                         and "resource_tracker" not in " ".join(process.cmdline()))
             except psutil.Error:
                 return False  # gone
@@ -119,7 +124,12 @@ def test_a_script_making_a_pool_per_call_keeps_no_processes() -> None:
         deadline = time.monotonic() + 30
         while any(alive(pid) for pid in seen) and time.monotonic() < deadline:
             time.sleep(0.05)
-        print(sorted(pid for pid in seen if alive(pid)))
+        left = []
+        for pid in seen:
+            if alive(pid):
+                process = psutil.Process(pid)
+                left.append((pid, process.ppid(), process.status(), process.cmdline()))
+        print(left)
         """
     )
     out = subprocess.run(
