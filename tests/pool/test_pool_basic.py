@@ -27,6 +27,7 @@ from allcores.pool import (
 from allcores.pool.scheduler import PREFETCH
 from tests.pool import helpers
 from tests.pool.conftest import wait_gone
+from tests.pool.fake_backend import FakeBackend
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
 
@@ -140,6 +141,11 @@ def test_an_initializer_spawn_cannot_pickle_says_what_to_do() -> None:
     with pytest.raises(Exception, match="pickle") as info:
         Pool(1, start_method="spawn", initializer=lambda: None)
     assert "module-level function" in "".join(getattr(info.value, "__notes__", []))
+
+
+def test_a_given_backend_takes_no_initializer() -> None:
+    with pytest.raises(ValueError, match="give it to the backend"):
+        Pool(1, backend=FakeBackend(), initializer=helpers.init_state, initargs=("x",))
 
 
 def test_failing_initializer_stops_the_pool_instead_of_respawning() -> None:

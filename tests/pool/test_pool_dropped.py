@@ -120,16 +120,21 @@ def test_a_script_making_a_pool_per_call_keeps_no_processes() -> None:
             except psutil.Error:
                 return False  # gone
 
+        def describe(pid):
+            try:
+                process = psutil.Process(pid)
+                return pid, process.ppid(), process.status(), process.cmdline()
+            except psutil.Error:
+                return pid, "gone"
+
         gc.collect()
         deadline = time.monotonic() + 30
-        while any(alive(pid) for pid in seen) and time.monotonic() < deadline:
+        while True:  # one reading decides and is printed: a process exiting flickers
+            left = [pid for pid in seen if alive(pid)]
+            if not left or time.monotonic() > deadline:
+                break
             time.sleep(0.05)
-        left = []
-        for pid in seen:
-            if alive(pid):
-                process = psutil.Process(pid)
-                left.append((pid, process.ppid(), process.status(), process.cmdline()))
-        print(left)
+        print([describe(pid) for pid in left])
         """
     )
     out = subprocess.run(

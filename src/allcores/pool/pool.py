@@ -133,9 +133,11 @@ class Pool(concurrent.futures.Executor):
         else:
             engine = PoolEngine(settings, backend, scoreboard, False, rows)
         self._engine = engine
-        engine.begin()
-        # Not at interpreter exit: the engine's own exit handler sees to it then.
+        # Before the workers start: if their start fails, the Pool that raised is
+        # dropped and ends what did start. Not at interpreter exit: the engine's own
+        # exit handler sees to it then.
         weakref.finalize(self, engine.dropped).atexit = False
+        engine.begin()
 
     # ── public API: Executor ───────────────────────────────────────────────────
 
