@@ -509,10 +509,12 @@ def test_an_interrupt_at_each_point_of_a_round_trip_loses_nothing(
     assert int(out.split()[1]) > (150 if extra else 50)
 
 
-def _prefetch_from_now_on(pool: Pool) -> None:
-    """Have the loop send the next two tasks to the one worker at once (prefetch), as it
-    does for tasks that run under a millisecond; a slow machine (coverage) may have
-    measured the first one above that."""
+def _idle_worker_that_takes_two(pool: Pool) -> ProcessWorker:
+    """The handle of a one-worker pool's worker, idle, to which the loop sends the next
+    two tasks at once (prefetch), as it does for tasks that run under a millisecond; a
+    slow machine (coverage) may have measured the first one above that."""
+    assert pool.submit(helpers.add, 1).result(timeout=30) == 2
+    wait_until(lambda: len(pool._engine._idle) == 1, timeout=30)
     done = threading.Event()
 
     def tiny() -> None:
@@ -521,18 +523,16 @@ def _prefetch_from_now_on(pool: Pool) -> None:
 
     pool._engine._call(tiny)
     assert done.wait(30)
+    handle = next(iter(pool._engine._workers.values())).handle
+    assert isinstance(handle, ProcessWorker)
+    return handle
 
 
 def test_replies_sent_before_a_death_during_a_claim_are_read() -> None:
     """A worker that replies, then dies while a thread holds its socket past the EOF
     grace: the replies still in the socket settle their tasks once the claim ends."""
     with Pool(1) as pool:
-        assert pool.submit(helpers.add, 1).result(timeout=30) == 2
-        wait_until(lambda: len(pool._engine._idle) == 1, timeout=30)
-        _prefetch_from_now_on(pool)
-        worker = next(iter(pool._engine._workers.values()))
-        handle = worker.handle
-        assert isinstance(handle, ProcessWorker)
+        handle = _idle_worker_that_takes_two(pool)
         # Named by this frame, as `_wait_direct` names its claim: the loop's check
         # for claims whose thread left sees it on this thread's stack.
         token = sys._getframe()
@@ -562,12 +562,7 @@ def test_replies_of_a_dead_worker_the_loop_never_polled_are_read(
     """The exit's grace runs out before the loop polls the worker's socket again (uvloop
     runs due timers before polling): the replies already there still settle their tasks."""
     with Pool(1) as pool:
-        assert pool.submit(helpers.add, 1).result(timeout=30) == 2
-        wait_until(lambda: len(pool._engine._idle) == 1, timeout=30)
-        _prefetch_from_now_on(pool)
-        worker = next(iter(pool._engine._workers.values()))
-        handle = worker.handle
-        assert isinstance(handle, ProcessWorker)
+        handle = _idle_worker_that_takes_two(pool)
         # The idle worker's socket is not polled; from now on it never is again.
         monkeypatch.setattr(handle, "resume_reading", lambda: None)
         ok = pool.schedule(helpers.add, (1,), timeout=30)

@@ -24,9 +24,10 @@ from tests.pool.conftest import child_pids, wait_gone
 pytestmark = pytest.mark.usefixtures("no_leftovers")
 
 
-def _drop(pool: Pool) -> weakref.ref[Pool]:
-    """Return a weak reference, the caller then deletes its last strong one."""
-    return weakref.ref(pool)
+def _collected(ref: weakref.ref[Pool]) -> None:
+    """The Pool behind *ref*, whose last strong reference the caller deleted, is gone."""
+    gc.collect()
+    assert ref() is None
 
 
 def _started(before: set[int]) -> set[int]:
@@ -39,10 +40,9 @@ def test_an_idle_pool_dropped_stops_its_processes() -> None:
     pool = Pool(2)
     assert pool.submit(helpers.add, 1).result(timeout=30) == 2
     started = _started(before)
-    ref = _drop(pool)
+    ref = weakref.ref(pool)
     del pool
-    gc.collect()
-    assert ref() is None
+    _collected(ref)
     assert wait_gone(started, timeout=30) == set()
 
 
@@ -50,10 +50,9 @@ def test_a_pool_never_used_and_dropped_stops_its_processes() -> None:
     before = child_pids()
     pool = Pool(2)
     started = _started(before)
-    ref = _drop(pool)
+    ref = weakref.ref(pool)
     del pool
-    gc.collect()
-    assert ref() is None
+    _collected(ref)
     assert wait_gone(started, timeout=30) == set()
 
 
@@ -64,10 +63,9 @@ def test_work_given_before_the_drop_still_completes() -> None:
     queued = [pool.submit(helpers.add, i) for i in range(4)]
     results = pool.map(helpers.square, range(10))
     started = _started(before)
-    ref = _drop(pool)
+    ref = weakref.ref(pool)
     del pool
-    gc.collect()
-    assert ref() is None
+    _collected(ref)
     assert running.result(timeout=30) == "done"
     assert [f.result(timeout=30) for f in queued] == [1, 2, 3, 4]
     assert list(results) == [i * i for i in range(10)]
@@ -79,10 +77,9 @@ async def test_a_pool_dropped_inside_a_running_loop_stops_its_processes() -> Non
     pool = Pool(2)
     assert await pool.run(helpers.add, 1) == 2
     started = _started(before)
-    ref = _drop(pool)
+    ref = weakref.ref(pool)
     del pool
-    gc.collect()
-    assert ref() is None
+    _collected(ref)
     # The shutdown runs on this loop: it gets turns between the looks.
     for _ in range(300):
         if not wait_gone(started, timeout=0.05):

@@ -223,10 +223,7 @@ class ProcessWorker(BackendWorker):
             # The worker is gone and our reading side is shut (`_finish`): the loop
             # reads the replies still in the socket, then the EOF ends the worker.
             # Ending it here would drop those replies and fail their tasks as crashed.
-            assert self._loop is not None
-            if self._grace is not None:
-                self._grace.cancel()
-            self._grace = self._loop.call_later(_EOF_GRACE, self._grace_over)
+            self._start_grace()
 
     def read_now(self, timeout: float | None) -> tuple[bytes | bytearray, list[int]] | None:
         assert self._channel is not None and self._claimed
@@ -261,6 +258,13 @@ class ProcessWorker(BackendWorker):
         if not claimed:
             # An idle worker's reading is paused: read its EOF (and last frames) now.
             self.resume_reading()
+        self._start_grace()
+
+    def _start_grace(self) -> None:
+        """End the worker in _EOF_GRACE if its EOF has not done it by then."""
+        assert self._loop is not None
+        if self._grace is not None:
+            self._grace.cancel()
         self._grace = self._loop.call_later(_EOF_GRACE, self._grace_over)
 
     def _grace_over(self) -> None:
