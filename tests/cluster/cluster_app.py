@@ -23,6 +23,8 @@ from allcores import cluster
 WORKERS = int(os.environ.get("APP_WORKERS", "2"))
 PORT = int(os.environ["APP_PORT"])
 BOOT_FAIL = os.environ.get("APP_BOOT_FAIL") == "1"
+# A worker started while this file exists fails to boot: a reload of broken code.
+BOOT_FAIL_FILE = os.environ.get("APP_BOOT_FAIL_FILE", "")
 SERVERS: list[Any] = []
 
 if cluster.is_primary:
@@ -148,7 +150,7 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
 async def worker_main() -> None:
     assert cluster.worker is not None
     me = cluster.worker
-    if BOOT_FAIL:
+    if BOOT_FAIL or (BOOT_FAIL_FILE and os.path.exists(BOOT_FAIL_FILE)):
         print(f"worker {me.id}: cannot boot: missing configuration APP_SECRET", file=sys.stderr)
         sys.exit(3)
     os.write(1, f"worker {me.id} up\n".encode())  # not JSON: ignored by the event reader

@@ -82,6 +82,15 @@ class ClusterRun:
             with contextlib.suppress(queue.Empty):
                 self._new.get(timeout=min(left, 0.2))
 
+    def wait_for_stderr(self, text: str, timeout: float = 30.0) -> str:
+        """Everything on stderr so far, once *text* is part of it."""
+        deadline = time.monotonic() + timeout
+        while text not in (seen := "".join(self.stderr)):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not on stderr within {timeout} s: {seen[-2000:]}")
+            time.sleep(0.05)
+        return seen
+
     def worker_pids(self) -> set[int]:
         self.processes.remember_children(self.proc)
         alive = {e["pid"] for e in self.find("listening")} - {e["pid"] for e in self.find("exit")}

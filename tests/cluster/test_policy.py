@@ -105,20 +105,23 @@ def test_rows_back_off_independently() -> None:
     assert math.isclose(policy.respawn_delay(crash(103.0, row=0), NO_JITTER), 0.4)
 
 
-def test_a_worker_that_lived_longer_than_the_window_starts_the_backoff_over() -> None:
-    policy = RespawnPolicy(settings(respawn_delay=0.1, crash_loop_window=30.0))
+def test_a_worker_that_stayed_up_past_the_boot_period_starts_the_backoff_over() -> None:
+    policy = RespawnPolicy(settings(respawn_delay=0.1, boot_period=5.0))
     for i in range(3):
         policy.respawn_delay(crash(100.0 + i), NO_JITTER)
-    assert math.isclose(policy.respawn_delay(crash(200.0, lived=31.0), NO_JITTER), 0.1)
+    assert math.isclose(policy.respawn_delay(crash(200.0, lived=6.0), NO_JITTER), 0.1)
     assert math.isclose(policy.respawn_delay(crash(201.0), NO_JITTER), 0.2)
 
 
-def test_a_worker_that_listened_starts_the_backoff_over() -> None:
-    policy = RespawnPolicy(settings(respawn_delay=0.1))
-    for i in range(3):
-        policy.respawn_delay(crash(100.0 + i, row=2), NO_JITTER)
-    policy.worker_listening(2)
-    assert math.isclose(policy.respawn_delay(crash(110.0, row=2), NO_JITTER), 0.1)
+def test_a_worker_that_listened_but_died_soon_after_keeps_backing_off() -> None:
+    # A worker that dies a second after it starts serving, forever: the delay must
+    # grow, not restart at 0.1 s each time it got to listening.
+    policy = RespawnPolicy(settings(respawn_delay=0.1, boot_period=5.0))
+    delays = [
+        policy.respawn_delay(crash(100.0 + 10 * i, row=2, listened=True), NO_JITTER)
+        for i in range(4)
+    ]
+    assert [round(d, 3) for d in delays] == [0.1, 0.2, 0.4, 0.8]
 
 
 def test_jitter_spreads_the_delay_by_half_either_way() -> None:
@@ -163,3 +166,4 @@ def test_the_crash_loop_report_names_the_limit_and_shows_the_output() -> None:
         "Last output of worker 7:\n  | Traceback (most recent call last):\n  | boom"
     )
     assert policy.crash_loop_report(last, []).endswith("  (no output)")
+    assert policy.crash_loop_report(last, ["boom"], shown_above=True).endswith("(shown above)")

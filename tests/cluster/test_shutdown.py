@@ -12,7 +12,6 @@ import socket
 import threading
 
 import psutil
-import pytest
 
 from tests.cluster.conftest import ClusterRun, http_get
 from tests.conftest import wait_until
@@ -75,12 +74,6 @@ def test_a_second_sigint_kills_the_workers_at_once(start_cluster) -> None:  # ty
     request.join(30)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="WorkerRuntime._drain finishes only the servers still open: one the app "
-    "closed itself keeps serve_forever() waiting, so the worker never exits and the "
-    "primary SIGKILLs it graceful_timeout later",
-)
 def test_a_worker_whose_app_closed_its_server_still_exits_when_stopped(start_cluster) -> None:  # type: ignore[no-untyped-def]
     run = start_cluster(workers=1, APP_GRACE="0.5")
     (pid,) = run.worker_pids()

@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from allcores.cluster.handle import Worker
 from allcores.cluster.listeners import Address, BindError
@@ -35,6 +35,9 @@ from allcores.cluster.primary import ClusterError, Primary
 from allcores.cluster.settings import POLICIES, ClusterSettings, SettingsError
 from allcores.cluster.spawn import ENV_CHANNEL_FD, ENV_PRIMARY_PID, ENV_SCOREBOARD, ENV_WORKER_ID
 from allcores.cluster.worker import ClusterServer, StreamHandler, WorkerError, WorkerRuntime
+
+if TYPE_CHECKING:
+    from ssl import SSLContext
 
 __all__ = [
     "POLICIES",
@@ -54,6 +57,7 @@ __all__ = [
     "off",
     "on",
     "once",
+    "reload",
     "run",
     "run_async",
     "scheduling_policy",
@@ -147,6 +151,12 @@ async def run_async() -> int:
     return await _the_primary().run_async()
 
 
+def reload() -> None:
+    """Replace every worker, one at a time, each old one draining only once its
+    successor listens; SIGHUP to the primary does the same."""
+    _the_primary().reload()
+
+
 def stop() -> None:
     """Stop gracefully, as on SIGTERM: stop accepting, drain the workers, end `run`."""
     _the_primary().stop()
@@ -165,11 +175,13 @@ async def start_server(
     protocol_factory: Callable[[], Any] | None = None,
     backlog: int | None = None,
     limit: int = 2**16,
+    ssl: SSLContext | None = None,
 ) -> ClusterServer:
     """Serve on the cluster's shared port, under every policy.
 
     Give either an asyncio streams handler ``async def handle(reader, writer)`` or a
-    ``protocol_factory`` (for example uvicorn's HTTP protocol).
+    ``protocol_factory`` (for example uvicorn's HTTP protocol). With *ssl*, every
+    connection is TLS.
     """
     return await _the_worker().start_server(
         client_connected_cb,
@@ -178,6 +190,7 @@ async def start_server(
         protocol_factory=protocol_factory,
         backlog=backlog,
         limit=limit,
+        ssl=ssl,
     )
 
 

@@ -56,6 +56,9 @@ class Worker(EventEmitter):
         self.state = "none"
         self.started = time.monotonic()
         self.listening_once = False
+        self.candidate = False
+        """A reload's new worker that has not listened yet: if it fails, the reload
+        stops; its exit is neither a crash nor respawned (`allcores.cluster.rolling`)."""
         self.connections_sent = 0
         self.exit_code: int | None = None
         self.signal_code: str | None = None

@@ -207,6 +207,13 @@ class Handover:
                 worker.id,
             )
 
+    def close_row(self, row: int) -> None:
+        """Close *row*'s reuseport socket: its worker drains and accepts no more."""
+        for listener in self._listeners.values():
+            sock = listener.per_row.pop(row, None)
+            if sock is not None:
+                sock.close()
+
     def keep_rows(self, rows: Collection[int]) -> None:
         """Close the reuseport sockets of every row but *rows*: a row no worker holds
         or will refill must not have the kernel send it connections nobody accepts."""

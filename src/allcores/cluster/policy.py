@@ -86,11 +86,16 @@ class RespawnPolicy:
         when = "failed while booting" if self.booting(worker_exit) else "crashed"
         return f"worker {worker_exit.worker_id} (pid {worker_exit.pid}) {when}: {how}"
 
-    def crash_loop_report(self, worker_exit: Exit, output: Iterable[str]) -> str:
+    def crash_loop_report(
+        self, worker_exit: Exit, output: Iterable[str], *, shown_above: bool = False
+    ) -> str:
         """What the primary prints when *worker_exit* made a crash loop; *output* is
-        the last lines the worker wrote to stderr."""
+        the last lines the worker wrote to stderr (not repeated if *shown_above*)."""
         settings = self.settings
-        shown = "\n".join(f"  | {line}" for line in output) or "  (no output)"
+        if shown_above:
+            shown = "  (shown above)"
+        else:
+            shown = "\n".join(f"  | {line}" for line in output) or "  (no output)"
         return (
             f"allcores: {self.describe(worker_exit)}; {len(self._crash_times)} unplanned "
             f"worker exits within {settings.crash_loop_window:g} s "
@@ -103,14 +108,15 @@ class RespawnPolicy:
         random number in [0, 1).
 
         `respawn_delay`, doubled for each earlier crash of the same row in a row, up
-        to `respawn_delay_max`, then ± 50 %. The streak starts over when a worker
-        lived longer than `crash_loop_window`, or got to listening in between
-        (`worker_listening`).
+        to `respawn_delay_max`, then ± 50 %. The streak starts over only when a
+        worker stayed up longer than `boot_period`: listening is not enough, or a
+        worker that dies a second after it starts serving would be replaced every
+        0.1 s until the crash-loop limit stops the cluster.
         """
         settings = self.settings
         lived = worker_exit.ended - worker_exit.started
         row = worker_exit.row
-        streak = 0 if lived > settings.crash_loop_window else self._streaks.get(row, 0)
+        streak = 0 if lived > settings.boot_period else self._streaks.get(row, 0)
         delay = settings.respawn_delay * 2.0**streak
         if delay < settings.respawn_delay_max:
             # Past the cap the streak stops growing: 2**streak would only get larger
@@ -120,7 +126,3 @@ class RespawnPolicy:
             delay = settings.respawn_delay_max
             self._streaks[row] = streak
         return delay * (1 - _JITTER + 2 * _JITTER * jitter)
-
-    def worker_listening(self, row: int) -> None:
-        """The worker in *row* got to listening: its next crash is not part of a streak."""
-        self._streaks.pop(row, None)

@@ -7,6 +7,8 @@
       ├── spawn.py     argv and environment, Popen, exit watch (pidfd), stderr tail
       ├── handover.py  listening sockets; accept, pick a worker, pass the fd
       ├── policy.py    crash loop and respawn backoff: pure, no I/O
+      ├── rolling.py   reload: replace the workers one at a time, each old one
+      │                draining only once its successor listens
       └── messages.py  the message kinds on a worker's channel, with the diagram of
                        who sends which
 
@@ -15,8 +17,10 @@ handlers, process exits (pidfd readable) and channel events only record what
 happened and wake it::
 
     SIGTERM / SIGINT ──► _signals ──┐
+    SIGHUP ────────────► _signals ──┤
     worker exited ─────► _exits ────┼──► _supervise: wake, then
-    stop() ─────────────────────────┘      1. act on signals: drain, or kill at once
+    stop() ─────────────────────────┘      1. act on signals: drain, or kill at once;
+                                              SIGHUP queues a rolling reload
                                            2. bury each exit: recover its connections,
                                               free its row, emit "exit", judge it
                                               (policy.py): a crash may make its row
@@ -37,6 +41,7 @@ import contextlib
 import logging
 import os
 import random
+import re
 import signal
 import socket
 import sys
@@ -49,6 +54,7 @@ from allcores.cluster import messages
 from allcores.cluster.handle import Worker
 from allcores.cluster.handover import Handover
 from allcores.cluster.policy import Exit, RespawnPolicy, Verdict
+from allcores.cluster.rolling import Rolling
 from allcores.cluster.settings import ClusterSettings
 from allcores.cluster.spawn import (
     ENV_CHANNEL_FD,
@@ -116,6 +122,10 @@ class Primary(EventEmitter):
         self._kill_timers: dict[int, asyncio.TimerHandle] = {}
         self._last_exit_unplanned = False
         self._when_all_gone: list[Callable[[], Any]] = []
+        self._rolling = Rolling(self)
+        # Boot failures whose output was printed, digits blanked: the next worker
+        # that fails the same way (an import error fails every one) is not repeated.
+        self._shown_failures: set[str] = set()
 
     # -- set-up -------------------------------------------------------------------
 
@@ -139,6 +149,10 @@ class Primary(EventEmitter):
             self._scoreboard = Scoreboard.create(self.settings.max_workers)
             self._free_rows = list(range(self.settings.max_workers - 1, -1, -1))
         return self._scoreboard
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
 
     def _wake(self) -> None:
         if self._wakeup is not None:
@@ -205,7 +219,10 @@ class Primary(EventEmitter):
             on_error=lambda exc: self._on_bad_message(worker, exc),
         )
         ExitWatch(loop, worker.process, lambda status: self._on_exit(worker, status))
-        worker._stderr = StderrTail(loop, worker.process, worker.output, silent=silent)
+        # Its stderr is held until it listens (or has been up `boot_period`): a boot
+        # failure's traceback is then shown once, not once per worker started.
+        worker._stderr = StderrTail(loop, worker.process, worker.output, silent=silent, hold=True)
+        loop.call_later(self.settings.boot_period, worker._stderr.release)
         loop.call_soon(self._emit_both, "fork", worker)
         if not self._ran and not self._running and not self._atexit_registered and self._own_loop:
             # Node keeps a primary alive while it has workers. A script that forks and
@@ -217,12 +234,25 @@ class Primary(EventEmitter):
     # -- what a Worker asks of its primary ------------------------------------------
 
     def _disconnect_worker(self, worker: Worker) -> None:
-        self._forget_listening(worker)
-        worker._post({"t": messages.DISCONNECT, "timeout": self.settings.graceful_timeout})
+        self._start_draining(worker)
+        # While the cluster goes on, a draining worker hands its idle keep-alive
+        # connections back for another worker to serve; when it stops, it closes them.
+        frame = {
+            "t": messages.DISCONNECT,
+            "timeout": self.settings.graceful_timeout,
+            "handoff": not self._stopping,
+        }
+        worker._post(frame)
         self._arm_kill_timer(worker)
 
     def _forget_listening(self, worker: Worker) -> None:
         self._handover.forget(worker)
+
+    def _start_draining(self, worker: Worker) -> None:
+        """Route nothing more to *worker*, and under reuseport close its row's socket
+        now: the kernel would go on queueing connections there that nobody accepts."""
+        self._forget_listening(worker)
+        self._handover.close_row(worker.row)
 
     def _arm_kill_timer(self, worker: Worker) -> None:
         if worker.id in self._kill_timers:
@@ -247,11 +277,20 @@ class Primary(EventEmitter):
 
     # -- stopping -------------------------------------------------------------------
 
+    def reload(self) -> None:
+        """Replace every worker, one at a time, each old one draining only once its
+        successor listens (SIGHUP does this). A reload asked for during another runs
+        after it; if a new worker fails, the reload stops and the old ones serve on."""
+        if self._stopping:
+            raise ClusterError("the cluster is stopping; it does not reload")
+        self._rolling.reload()
+
     def stop(self) -> None:
         """Stop accepting, drain every worker within the graceful timeout, then end."""
         if self._stopping:
             return
         self._stopping = True
+        self._rolling.cancel()
         self._wanted.clear()
         self._handover.close()
         for worker in list(self.workers.values()):
@@ -305,6 +344,10 @@ class Primary(EventEmitter):
                 log.warning("allcores: second SIGINT: killing workers now")
                 for worker in list(self.workers.values()):
                     worker.kill(signal.SIGKILL)
+            elif signum == signal.SIGHUP:
+                if not self._stopping:
+                    log.info("allcores: SIGHUP: rolling reload")
+                    self._rolling.reload()
             else:
                 log.info("allcores: %s: stopping gracefully", signal_name(signum))
                 self.stop()
@@ -337,8 +380,7 @@ class Primary(EventEmitter):
 
     def _bury(self, worker: Worker, ended: float) -> None:
         """Everything that follows a worker's exit, then the decision on its row."""
-        if worker._stderr is not None:
-            worker._stderr.read()  # its last words, before its exit is reported
+        output_shown = self._show_output(worker)
         self._forget_listening(worker)
         self._handover.recover(worker)
         if worker._channel is not None and not worker._channel.closed:
@@ -356,7 +398,8 @@ class Primary(EventEmitter):
             for callback in self._when_all_gone:
                 self.loop.call_soon(callback)
             self._when_all_gone.clear()
-        planned = worker.exited_after_disconnect or self._stopping
+        # A reload's candidate that never listened failed the reload, which says so.
+        planned = worker.exited_after_disconnect or self._stopping or worker.candidate
         self._last_exit_unplanned = not planned
         worker_exit = Exit(
             worker_id=worker.id,
@@ -374,11 +417,36 @@ class Primary(EventEmitter):
             return
         log.warning("allcores: %s", self._policy.describe(worker_exit))
         if verdict is Verdict.CRASH_LOOP:
-            self._failure = self._policy.crash_loop_report(worker_exit, worker.output)
+            self._failure = self._policy.crash_loop_report(
+                worker_exit, worker.output, shown_above=output_shown
+            )
             self.stop()
         elif self._respawn_wanted(worker):
             delay = self._policy.respawn_delay(worker_exit, random.random())
             self._wanted[worker.row] = ended + delay
+
+    def _show_output(self, worker: Worker) -> bool:
+        """Read a dead worker's last words and show what was held back, unless a
+        worker that failed before it printed the same. True if it is on screen."""
+        tail = worker._stderr
+        if tail is None:
+            return False
+        tail.read()
+        if not tail.holding:
+            return not self.settings.silent
+        failure = re.sub(r"\d+", "#", "\n".join(worker.output))
+        if failure in self._shown_failures:
+            tail.release(show=False)
+            if not self.settings.silent and worker.output:
+                log.warning(
+                    "allcores: worker %d printed the same output as the one before it "
+                    "(shown above)",
+                    worker.id,
+                )
+        else:
+            self._shown_failures.add(failure)
+            tail.release()
+        return not self.settings.silent
 
     def _respawn_wanted(self, worker: Worker) -> bool:
         rule = self.settings.respawn
@@ -406,7 +474,7 @@ class Primary(EventEmitter):
         self._ran = True
         loop = self.loop
         installed: list[int] = []
-        for signum in (int(signal.SIGTERM), int(signal.SIGINT)):
+        for signum in (int(signal.SIGTERM), int(signal.SIGINT), int(signal.SIGHUP)):
             try:
                 loop.add_signal_handler(signum, self._on_signal, signum)
                 installed.append(signum)
@@ -488,7 +556,7 @@ class Primary(EventEmitter):
         elif kind == messages.DISCONNECTING:
             worker.exited_after_disconnect = True
             worker.state = "disconnecting"
-            self._forget_listening(worker)
+            self._start_draining(worker)
             self._arm_kill_timer(worker)
         else:
             log.warning("allcores: worker %d sent an unknown message %r; ignored", worker.id, frame)
@@ -500,7 +568,8 @@ class Primary(EventEmitter):
             return
         worker.state = "listening"
         worker.listening_once = True
-        self._policy.worker_listening(worker.row)
+        if worker._stderr is not None:
+            worker._stderr.release()
         self._emit_both("listening", worker, address)
 
     def _on_bad_message(self, worker: Worker, exc: ChannelError) -> None:

@@ -61,6 +61,10 @@ class ClusterSettings:
     """A worker whose loop has not beaten for this long gets no new connections under
     `balanced` while another can take them: five missed 50 ms beats, long enough to
     ride out a GC pause, short enough that a request stuck behind CPU work is rare."""
+    ready_timeout: float = 60.0
+    """In a reload, a new worker must listen within this many seconds, or the reload
+    stops and the old workers serve on: long enough for an app that loads a model
+    at startup, short enough that a hung boot does not stall reloads for ever."""
     env: dict[str, str] = dataclasses.field(default_factory=dict)
     """Extra environment for every worker."""
     max_workers: int = 1024
@@ -79,7 +83,7 @@ class ClusterSettings:
             __import__("socket"), "SO_REUSEPORT"
         ):
             raise SettingsError("policy 'reuseport' needs SO_REUSEPORT, which this OS lacks")
-        for name in ("respawn_delay", "respawn_delay_max", "crash_loop_window"):
+        for name in ("respawn_delay", "respawn_delay_max", "crash_loop_window", "ready_timeout"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be > 0, got {getattr(self, name)!r}")
         for name in ("boot_period", "graceful_timeout", "heartbeat_stale"):

@@ -54,6 +54,9 @@ OUTPUT_LINES = 40
 # Of a line with no newline yet, this much is kept: a report needs its end, and a
 # worker writing megabytes without a newline must not grow the primary.
 _PARTIAL_LINE = 4096
+# What a booting worker wrote is held back up to this much (its end is kept): a
+# traceback with its log lines fits many times over.
+_HOLD_LIMIT = 256 * 1024
 # A pipe holds 64 KiB by default on Linux: one read takes all a worker wrote.
 _READ_SIZE = 65536
 # Without pidfd (not Linux), exits are found by polling waitpid this often.
@@ -166,7 +169,13 @@ class ExitWatch:
 
 class StderrTail:
     """Reads a worker's stderr pipe from *loop*: forwards it to this process's stderr
-    (unless *silent*) and keeps its last lines in *lines* for crash reports."""
+    (unless *silent*) and keeps its last lines in *lines* for crash reports.
+
+    With *hold*, what it reads is kept back (its last `_HOLD_LIMIT` bytes) until
+    `release()`: the primary releases a worker's output once it listens, has been up
+    `boot_period`, or has died, and then only if no worker failed the same way
+    before it. An import error is then shown once, not once per worker started.
+    """
 
     def __init__(
         self,
@@ -175,15 +184,27 @@ class StderrTail:
         lines: collections.deque[str],
         *,
         silent: bool,
+        hold: bool = False,
     ) -> None:
         assert process.stderr is not None
         self._loop = loop
         self._pipe = process.stderr
         self._lines = lines
         self._silent = silent
+        self._held: bytearray | None = bytearray() if hold else None
         self._partial = b""
         os.set_blocking(self._pipe.fileno(), False)
         loop.add_reader(self._pipe.fileno(), self.read)
+
+    @property
+    def holding(self) -> bool:
+        return self._held is not None
+
+    def release(self, *, show: bool = True) -> None:
+        """Write what was held back (unless not *show*); forward the rest as it comes."""
+        held, self._held = self._held, None
+        if held and show:
+            self._forward(bytes(held))
 
     def read(self) -> None:
         """Read what is there now; at EOF, stop reading and keep the unfinished line."""
@@ -204,10 +225,17 @@ class StderrTail:
                     self._lines.append(self._partial.decode(errors="replace"))
                     self._partial = b""
                 return
-            if not self._silent:
-                with contextlib.suppress(AttributeError, ValueError, OSError):
-                    sys.stderr.buffer.write(data)
-                    sys.stderr.flush()
+            if self._held is not None:
+                self._held += data
+                del self._held[:-_HOLD_LIMIT]
+            else:
+                self._forward(data)
             lines = (self._partial + data).split(b"\n")
             self._partial = lines.pop()[-_PARTIAL_LINE:]
             self._lines.extend(line.decode(errors="replace") for line in lines[-OUTPUT_LINES:])
+
+    def _forward(self, data: bytes) -> None:
+        if not self._silent:
+            with contextlib.suppress(AttributeError, ValueError, OSError):
+                sys.stderr.buffer.write(data)
+                sys.stderr.flush()

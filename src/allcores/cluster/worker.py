@@ -27,7 +27,7 @@ import socket
 import threading
 import types
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from allcores._system import die_with_parent
 from allcores.cluster import messages
@@ -38,6 +38,9 @@ from allcores.ipc.async_channel import AsyncChannel
 from allcores.ipc.channel import Channel
 from allcores.observe.looplag import LoopMonitor
 from allcores.observe.scoreboard import Row, RowState, Scoreboard
+
+if TYPE_CHECKING:
+    from ssl import SSLContext
 
 __all__ = ["ClusterServer", "WorkerRuntime"]
 
@@ -115,15 +118,22 @@ class WorkerRuntime(EventEmitter):
         self._monitor: LoopMonitor | None = None
         self._requests: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._next_request = 0
-        self._servers: dict[tuple[str, int], tuple[ClusterServer, ProtocolFactory]] = {}
-        self._protocols: set[asyncio.BaseProtocol] = set()
+        self._servers: dict[
+            tuple[str, int], tuple[ClusterServer, ProtocolFactory, SSLContext | None]
+        ] = {}
+        # Every open connection's protocol, with the key of the server it came to.
+        self._protocols: dict[asyncio.BaseProtocol, tuple[Any, ...]] = {}
         self._early: dict[tuple[Any, ...], list[int]] = {}
-        self._retired: dict[tuple[Any, ...], ProtocolFactory] = {}
+        self._retired: dict[tuple[Any, ...], tuple[ProtocolFactory, SSLContext | None]] = {}
+        # Open or closed by the app: a drain ends every one's serve_forever().
+        self._every_server: list[ClusterServer] = []
         self._all_closed: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
         # The loop holds only weak references to tasks: these keep them until done.
         self._tasks: set[asyncio.Task[Any]] = set()
         self.disconnecting = False
+        self.handing_off = False
+        """While draining: idle connections may go to another worker (`hand_off`)."""
         self._blocking.send({"t": messages.ONLINE})
 
     @property
@@ -219,7 +229,8 @@ class WorkerRuntime(EventEmitter):
             for fd in fds:
                 os.close(fd)
             if self._loop is not None:
-                self._start(self._drain(float(obj.get("timeout", 30.0))))
+                timeout = float(obj.get("timeout", 30.0))
+                self._start(self._drain(timeout, handoff=bool(obj.get("handoff"))))
             else:
                 os._exit(0)
         else:
@@ -260,6 +271,7 @@ class WorkerRuntime(EventEmitter):
         protocol_factory: ProtocolFactory | None = None,
         backlog: int | None = None,
         limit: int = 2**16,
+        ssl: SSLContext | None = None,
     ) -> ClusterServer:
         if (client_connected_cb is None) == (protocol_factory is None):
             raise WorkerError("give start_server either a stream handler or protocol_factory=")
@@ -272,7 +284,6 @@ class WorkerRuntime(EventEmitter):
                 return asyncio.StreamReaderProtocol(reader, handler)
 
             protocol_factory = stream_protocol
-        counted = self._counted(protocol_factory)
         reply = await self._request_listen(host, port, backlog)
         if reply.get("stopping"):
             # Told to stop while it was still booting: a server that is already done,
@@ -282,13 +293,17 @@ class WorkerRuntime(EventEmitter):
             return stopped
         address = Address(*reply["address"])
         server = ClusterServer(self, address, reply["policy"])
+        key = tuple(reply["key"])
+        counted = self._counted(protocol_factory, key)
         if reply["fds"]:
             sock = socket.socket(fileno=reply["fds"][0])
             for extra in reply["fds"][1:]:
                 os.close(extra)
             loop = asyncio.get_running_loop()
-            server._server = await loop.create_server(counted, sock=sock, backlog=backlog or 2048)
-        self._register(tuple(reply["key"]), server, counted)
+            server._server = await loop.create_server(
+                counted, sock=sock, backlog=backlog or 2048, ssl=ssl
+            )
+        self._register(key, server, counted, ssl)
         self.row.set("state", RowState.READY)
         return server
 
@@ -311,7 +326,7 @@ class WorkerRuntime(EventEmitter):
             )
         return socket.socket(fileno=reply["fds"][0])
 
-    def _counted(self, factory: ProtocolFactory) -> ProtocolFactory:
+    def _counted(self, factory: ProtocolFactory, key: tuple[Any, ...]) -> ProtocolFactory:
         """Wrap *factory* so every connection is counted in this worker's row."""
         row = self.row
         protocols = self._protocols
@@ -322,12 +337,12 @@ class WorkerRuntime(EventEmitter):
             lost = protocol.connection_lost
 
             def connection_made(transport: asyncio.BaseTransport) -> None:
-                protocols.add(protocol)
+                protocols[protocol] = key
                 row.add("connections", 1)
                 made(transport)
 
             def connection_lost(exc: Exception | None) -> None:
-                protocols.discard(protocol)
+                protocols.pop(protocol, None)
                 row.add("connections", -1)
                 row.add("connections_closed", 1)
                 try:
@@ -350,10 +365,10 @@ class WorkerRuntime(EventEmitter):
         if not fds:
             return
         entry = self._servers.get(key)  # type: ignore[arg-type]
-        factory = entry[1] if entry is not None else None
-        if factory is None and self.disconnecting:
+        factory, ssl = entry[1:] if entry is not None else (None, None)
+        if factory is None and self.disconnecting and key in self._retired:
             # Sent before the primary knew we were draining: in-flight work, served.
-            factory = self._retired.get(key)
+            factory, ssl = self._retired[key]
         if factory is None or self._loop is None:
             if key in self._retired or self.disconnecting:
                 # Our server for it is closed: the primary gives it to another worker.
@@ -364,7 +379,7 @@ class WorkerRuntime(EventEmitter):
                 self._early.setdefault(key, []).append(fds[0])
             return
         sock = socket.socket(fileno=fds[0])
-        task = self._start(self._loop.connect_accepted_socket(factory, sock))
+        task = self._start(self._loop.connect_accepted_socket(factory, sock, ssl=ssl))
         task.add_done_callback(self._takeover_done)
 
     def _start(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
@@ -396,17 +411,22 @@ class WorkerRuntime(EventEmitter):
         )
 
     def _register(
-        self, key: tuple[Any, ...], server: ClusterServer, factory: ProtocolFactory
+        self,
+        key: tuple[Any, ...],
+        server: ClusterServer,
+        factory: ProtocolFactory,
+        ssl: SSLContext | None,
     ) -> None:
-        self._servers[key] = (server, factory)  # type: ignore[index]
+        self._servers[key] = (server, factory, ssl)  # type: ignore[index]
+        self._every_server.append(server)
         for fd in self._early.pop(key, []):
             self._on_conn(key, [fd])
 
     def _server_closed(self, server: ClusterServer) -> None:
-        for key, (registered, factory) in list(self._servers.items()):
+        for key, (registered, factory, ssl) in list(self._servers.items()):
             if registered is server:
                 del self._servers[key]
-                self._retired[key] = factory
+                self._retired[key] = (factory, ssl)
                 if self._channel is not None and not self._channel.closed:
                     self._channel.send({"t": messages.UNLISTEN, "key": list(key)})
 
@@ -423,12 +443,43 @@ class WorkerRuntime(EventEmitter):
                 self._blocking.send({"t": messages.BYE})
             self._blocking.close()
             return
-        self._start(self._drain(30.0, tell_primary=True))
+        # Its idle connections go to the other workers; if the primary is stopping
+        # meanwhile, it closes them.
+        self._start(self._drain(30.0, tell_primary=True, handoff=True))
 
-    async def _drain(self, timeout: float, tell_primary: bool = False) -> None:
+    def hand_off(self, protocol: asyncio.BaseProtocol, transport: asyncio.Transport) -> bool:
+        """While draining, give an idle connection to the primary, which passes it to
+        another worker; the client sees no close. False when it cannot (the cluster is
+        stopping, or the connection is not ours): close it instead.
+
+        Call it only between requests, with nothing read and not yet handled: what
+        the client sends next is still in the socket, and goes with it.
+        """
+        key = self._protocols.get(protocol)
+        sock = transport.get_extra_info("socket")
+        channel = self._channel
+        if not self.handing_off or key is None or sock is None:
+            return False
+        if channel is None or channel.closed or transport.is_closing():
+            return False
+        fd = os.dup(sock.fileno())
+        try:
+            channel.send({"t": messages.CONN_BACK, "key": list(key)}, [fd])
+        except ChannelError:
+            return False
+        finally:
+            os.close(fd)
+        # Our fd goes; the connection lives on in the primary's copy.
+        transport.abort()
+        return True
+
+    async def _drain(
+        self, timeout: float, tell_primary: bool = False, handoff: bool = False
+    ) -> None:
         if self.disconnecting:
             return
         self.disconnecting = True
+        self.handing_off = handoff
         self.exited_after_disconnect = True
         self.row.set("state", RowState.STOPPING)
         for future in self._requests.values():
@@ -437,13 +488,14 @@ class WorkerRuntime(EventEmitter):
         self._requests.clear()
         if tell_primary and self._channel is not None:
             self._channel.send({"t": messages.DISCONNECTING})
-        servers = [server for server, _factory in self._servers.values()]
+        servers = [server for server, _factory, _ssl in self._servers.values()]
         for server in servers:
             server.close()
         self._all_closed = asyncio.Event()
         for protocol in list(self._protocols):
             # uvicorn's protocols (and any with the same method) close idle keep-alive
-            # connections at once and finish the request in flight.
+            # connections at once and finish the request in flight; `allcores serve`'s
+            # hand idle ones on (`hand_off`) when the cluster goes on.
             shutdown = getattr(protocol, "shutdown", None)
             if callable(shutdown):
                 shutdown()
@@ -457,7 +509,7 @@ class WorkerRuntime(EventEmitter):
             if transport is not None:
                 transport.abort()
         self.emit("disconnect")
-        for server in servers:
+        for server in self._every_server:
             server._finish()
         if self._monitor is not None:
             self._monitor.stop()

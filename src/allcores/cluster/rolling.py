@@ -1,0 +1,155 @@
+"""Rolling replacement: a new worker for each old one, one at a time, and an old
+worker drains only once its successor listens.
+
+::
+
+    SIGHUP / cluster.reload() ──► Rolling.reload(): one more pass queued (a reload
+                                  that arrives during a pass runs after it, whole)
+    a pass: for each worker that was serving when the pass began, oldest first:
+        fork a successor, marked `candidate` (its failure stops the pass; it is not
+        a crash, so it is neither respawned nor counted towards a crash loop)
+          ├─ it listens within `ready_timeout` ─► old.disconnect(): the old worker
+          │                                       drains (hands its idle keep-alive
+          │                                       connections on), then exits
+          └─ it exits, or the time runs out ───► kill it, log why, end the pass:
+                                                  the old workers keep serving
+
+A worker listens only once it is ready to serve (`allcores serve` runs the app's
+lifespan startup first), so at no point is there less capacity than before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from typing import TYPE_CHECKING, Any
+
+from allcores.cluster.handle import Worker
+
+if TYPE_CHECKING:
+    from allcores.cluster.primary import Primary
+
+__all__ = ["Rolling"]
+
+log = logging.getLogger("allcores.cluster")
+
+
+class Rolling:
+    """The primary's reloads: queued passes, run one at a time on its loop."""
+
+    def __init__(self, primary: Primary) -> None:
+        self._primary = primary
+        self._queued = 0
+        self._passes = 0
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None
+
+    def reload(self) -> None:
+        """Queue one pass over the workers serving when it starts."""
+        self._queued += 1
+        if self._task is None:
+            self._task = self._primary.loop.create_task(self._run())
+
+    def cancel(self) -> None:
+        """The cluster is stopping: drop the queued passes; the running one ends at
+        its next step (a candidate that is booting is stopped with the others)."""
+        self._queued = 0
+
+    async def _run(self) -> None:
+        try:
+            while self._queued and not self._primary.stopping:
+                self._queued -= 1
+                self._passes += 1
+                await self._pass(self._passes)
+        except Exception:
+            log.exception("allcores: reload failed")
+        finally:
+            self._task = None
+
+    async def _pass(self, number: int) -> None:
+        primary = self._primary
+        old = sorted((w for w in primary.workers.values() if _serving(w)), key=lambda w: w.started)
+        began = time.monotonic()
+        log.info("allcores: reload %d: replacing %d worker(s), one at a time", number, len(old))
+        replaced = 0
+        for worker in old:
+            if primary.stopping:
+                return
+            if not _serving(worker):
+                continue  # it died or was told to go since the pass began
+            if not await self._replace(number, worker):
+                if primary.stopping:
+                    return
+                log.error(
+                    "allcores: reload %d stopped after %d of %d worker(s); "
+                    "the others keep serving the code they started with",
+                    number,
+                    replaced,
+                    len(old),
+                )
+                return
+            replaced += 1
+        log.info(
+            "allcores: reload %d done: %d worker(s) replaced in %.2f s",
+            number,
+            replaced,
+            time.monotonic() - began,
+        )
+
+    async def _replace(self, number: int, old: Worker) -> bool:
+        primary = self._primary
+        new = primary._fork(None, None)
+        new.candidate = True
+        outcome: asyncio.Future[str] = primary.loop.create_future()
+
+        def settle(result: str, *_args: Any) -> None:
+            if not outcome.done():
+                outcome.set_result(result)
+
+        new.once("listening", lambda *args: settle("listening"))
+        new.once("exit", lambda *args: settle("exit"))
+        timeout = primary.settings.ready_timeout
+        try:
+            result = await asyncio.wait_for(asyncio.shield(outcome), timeout)
+        except TimeoutError:
+            result = "timeout"
+        if result == "listening":
+            new.candidate = False
+            log.info(
+                "allcores: reload %d: worker %d (pid %d) listens; worker %d (pid %d) drains",
+                number,
+                new.id,
+                new.pid,
+                old.id,
+                old.pid,
+            )
+            old.disconnect()
+            return True
+        if primary.stopping:
+            return False
+        if result == "timeout":
+            reason = f"was not listening {timeout:g} s after it started (ready_timeout)"
+            with contextlib.suppress(Exception):
+                new.kill(signal.SIGKILL)
+        elif new.signal_code:
+            reason = f"was killed by {new.signal_code} before it listened"
+        else:
+            reason = f"exited with code {new.exit_code} before it listened"
+        log.error(
+            "allcores: reload %d: the new worker %d (pid %d) %s; its output is above",
+            number,
+            new.id,
+            new.pid,
+            reason,
+        )
+        return False
+
+
+def _serving(worker: Worker) -> bool:
+    return not worker.candidate and not worker.exited_after_disconnect and not worker.is_dead()
