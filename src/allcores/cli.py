@@ -6,6 +6,7 @@ import os
 import runpy
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -68,3 +69,62 @@ def demo(example: str | None, port: int | None) -> None:
         click.echo("Stop with Ctrl-C.", err=False)
     sys.argv = [str(path)]
     runpy.run_path(str(path), run_name="__main__")
+
+
+# `allcores serve`: each option defaults to None ("not given"), so that settings from
+# pyproject.toml and ALLCORES_* apply unless the command line names the option
+# (allcores.serve.settings has the order). Values are parsed there, not by click, so
+# every source gets the same checks and the same error messages.
+_SERVE_OPTIONS: list[tuple[str, str]] = [
+    ("--interface", "auto | asgi3 | asgi2 | wsgi (default auto: found from the app)."),
+    ("--host", "Address to bind (default 127.0.0.1)."),
+    ("--port", "Port to bind (default 8000)."),
+    ("--workers", "HTTP worker processes: N or auto, one per usable CPU (default auto)."),
+    ("--policy", "How connections reach workers: balanced | rr | shared | reuseport."),
+    ("--app-dir", "Folder to import the app from, put first on sys.path (default .)."),
+    ("--root-path", "ASGI root_path, for an app mounted below a proxy's path."),
+    ("--forwarded-allow-ips", "Proxies trusted for X-Forwarded-* (default 127.0.0.1)."),
+    ("--log-level", "critical | error | warning | info | debug | trace (default info)."),
+    ("--http", "auto | httptools | h11 (default auto: httptools)."),
+    ("--ws", "auto | websockets | wsproto | none (default auto)."),
+    ("--lifespan", "auto | on | off (default auto)."),
+    ("--timeout-keep-alive", "Seconds an idle keep-alive connection stays open (default 5)."),
+    ("--timeout-graceful", "Seconds a draining worker may finish its requests (default 30)."),
+    ("--limit-concurrency", "Connections or requests per worker before 503s (default none)."),
+    ("--backlog", "Listen backlog (default 2048)."),
+    ("--wsgi-threads", "Threads per worker that run a WSGI app's calls (default 10)."),
+    ("--ssl-certfile", "TLS certificate file (PEM)."),
+    ("--ssl-keyfile", "TLS private key file (PEM)."),
+    ("--ssl-keyfile-password", "Password of the TLS key file."),
+]
+
+
+def _serve_options(command: Any) -> Any:
+    for flag, help_text in reversed(_SERVE_OPTIONS):
+        command = click.option(flag, default=None, help=help_text)(command)
+    for flag, help_text in (
+        ("--access-log/--no-access-log", "Log every request (default on)."),
+        ("--proxy-headers/--no-proxy-headers", "Trust X-Forwarded-* from allowed IPs."),
+    ):
+        command = click.option(flag, default=None, help=help_text)(command)
+    return command
+
+
+@main.command()
+@click.argument("app", required=False)
+@click.option("--factory", is_flag=True, default=None, help="APP is a function making the app.")
+@_serve_options
+def serve(**options: Any) -> None:
+    """Serve an ASGI or WSGI APP (MODULE:ATTRIBUTE) on every core.
+
+    Options may also come from ALLCORES_<OPTION> variables or [tool.allcores] in
+    pyproject.toml; see docs/serve.md.
+    """
+    from allcores.serve.primary import run_primary
+    from allcores.serve.settings import ServeSettings, ServeSettingsError
+
+    try:
+        settings = ServeSettings.load(options)
+    except ServeSettingsError as exc:
+        raise click.UsageError(str(exc)) from None
+    sys.exit(run_primary(settings))

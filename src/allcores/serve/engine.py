@@ -1,0 +1,137 @@
+"""One HTTP worker of `allcores serve`: uvicorn's protocol on the cluster's connections.
+
+::
+
+    python -m allcores.serve.worker (or the user's program, run again)
+      run(settings): load the app (app.py) ─► uvicorn.Config ─► uvloop
+        1. lifespan startup (uvicorn's LifespanOn): it fails ─► exit 3, its message
+           logged; the primary's crash-loop rule then ends the server non-zero
+        2. cluster.start_server(HandOffProtocol): the primary now routes
+           connections here (balanced / rr), or this loop accepts (shared /
+           reuseport); listening means ready, which a reload waits for
+        3. serve until the primary says DISCONNECT (or SIGTERM): drain (handoff.py)
+        4. lifespan shutdown, exit 0
+
+uvicorn's `Config` does what it does for `uvicorn` itself (protocol classes, TLS
+context, proxy headers, logging); uvicorn's `Server`, which binds and accepts, is
+replaced by the cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import logging
+import signal
+import time
+from email.utils import formatdate
+from typing import Any
+
+import uvicorn
+import uvicorn.config
+from uvicorn.server import ServerState
+
+from allcores import cluster
+from allcores._system import new_event_loop
+from allcores.serve.app import load_app
+from allcores.serve.handoff import with_hand_off
+from allcores.serve.settings import ServeSettings
+
+__all__ = ["LIFESPAN_FAILED", "logging_config", "run"]
+
+log = logging.getLogger("allcores.serve")
+
+# uvicorn's own exit code for a failed startup.
+LIFESPAN_FAILED = 3
+
+
+def logging_config(settings: ServeSettings) -> dict[str, Any]:
+    """uvicorn's logging set-up, with allcores' own messages in the same format."""
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config["loggers"]["allcores"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    config["loggers"]["allcores"]["level"] = settings.log_level.upper().replace("TRACE", "DEBUG")
+    return config
+
+
+def uvicorn_config(settings: ServeSettings, app: Any) -> uvicorn.Config:
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        http=settings.http,
+        ws="none" if settings.interface == "wsgi" else settings.ws,
+        lifespan="off" if settings.interface == "wsgi" else settings.lifespan,  # type: ignore[arg-type]
+        interface="asgi3",
+        log_config=logging_config(settings),
+        log_level=settings.log_level,
+        access_log=settings.access_log,
+        proxy_headers=settings.proxy_headers,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
+        root_path=settings.root_path,
+        limit_concurrency=settings.limit_concurrency,
+        backlog=settings.backlog,
+        timeout_keep_alive=settings.timeout_keep_alive,  # type: ignore[arg-type]
+        ssl_certfile=settings.ssl_certfile,
+        ssl_keyfile=settings.ssl_keyfile,
+        ssl_keyfile_password=settings.ssl_keyfile_password,
+    )
+    config.load()
+    return config
+
+
+def run(settings: ServeSettings) -> int:
+    """Serve in this worker until drained; the exit code."""
+    app, interface = load_app(settings)
+    settings.interface = interface
+    config = uvicorn_config(settings, app)
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return runner.run(_serve(settings, config))
+
+
+async def _serve(settings: ServeSettings, config: uvicorn.Config) -> int:
+    runtime = cluster.worker
+    assert runtime is not None, "allcores.serve.engine runs in a cluster worker"
+    lifespan = config.lifespan_class(config)
+    await lifespan.startup()
+    if lifespan.should_exit:
+        return LIFESPAN_FAILED
+    state = ServerState()
+    protocol_class = with_hand_off(config.http_protocol_class, runtime)
+
+    def protocol() -> asyncio.Protocol:
+        made: asyncio.Protocol = protocol_class(
+            config=config, server_state=state, app_state=lifespan.state
+        )
+        return made
+
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, runtime.disconnect)
+    ticker = loop.create_task(_tick(config, state))
+    try:
+        server = await cluster.start_server(
+            protocol_factory=protocol,
+            host=settings.host,
+            port=settings.port,
+            backlog=settings.backlog,
+            ssl=config.ssl,
+        )
+        await server.serve_forever()
+    finally:
+        ticker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await ticker
+    # Requests still running when the drain's time ran out were aborted with their
+    # connections; their tasks end at their next await.
+    for task in list(state.tasks):
+        task.cancel()
+    await lifespan.shutdown()
+    return 0
+
+
+async def _tick(config: uvicorn.Config, state: ServerState) -> None:
+    """The Date header, once a second, as uvicorn's server does."""
+    while True:
+        date = [(b"date", formatdate(time.time(), usegmt=True).encode())]
+        state.default_headers = (date if config.date_header else []) + config.encoded_headers
+        await asyncio.sleep(1.0)
