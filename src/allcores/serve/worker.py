@@ -45,4 +45,8 @@ def main(app: Any = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as `-m`, this file is `__main__`; the app's module reaches this one as
+    # `allcores.serve.worker`. One module must hold `serving` for both.
+    from allcores.serve import worker
+
+    sys.exit(worker.main())

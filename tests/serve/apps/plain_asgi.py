@@ -1,0 +1,37 @@
+"""A bare ASGI app for the serve tests, with a lifespan, configured by environment.
+
+``/`` -> "<pid> <pids whose lifespan started in this process>", ``/sleep?s=S`` -> a
+slow answer; APP_LIFESPAN_FAIL=1 -> the lifespan startup fails with a message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+from urllib.parse import parse_qs
+
+started: list[int] = []
+
+
+async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                if os.environ.get("APP_LIFESPAN_FAIL") == "1":
+                    failure = "database unreachable at db:5432"
+                    await send({"type": "lifespan.startup.failed", "message": failure})
+                    return
+                started.append(os.getpid())
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    query = parse_qs(scope["query_string"].decode())
+    if scope["path"] == "/sleep":
+        await asyncio.sleep(float(query["s"][0]))
+    body = f"{os.getpid()} {' '.join(map(str, started))}".encode()
+    headers = [(b"content-type", b"text/plain")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

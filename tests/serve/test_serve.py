@@ -1,0 +1,158 @@
+"""`allcores serve` end to end: real servers on free ports, real clients."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import threading
+
+import psutil
+
+from tests.conftest import wait_until
+from tests.serve.conftest import ALLCORES, APPS, get
+from tests.serve.load import Load
+
+
+def test_every_worker_serves_and_ran_the_lifespan_startup_itself(serve) -> None:  # type: ignore[no-untyped-def]
+    server = serve("plain_asgi:app", "--workers", "2")
+    pids = server.wait_ready(2)
+    for _ in range(6):
+        status, body = get(server.port)
+        pid, *lifespan_pids = map(int, body.split())
+        assert status == 200 and pid in pids
+        assert lifespan_pids == [pid]
+    titles = {psutil.Process(pid).cmdline()[0] for pid in pids}
+    assert titles == {"allcores: worker 1 plain_asgi:app", "allcores: worker 2 plain_asgi:app"}
+    assert psutil.Process(server.proc.pid).cmdline()[0] == "allcores: primary plain_asgi:app"
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.wait_exit() == 0
+    assert server.output.count("Application shutdown complete") == 2
+
+
+def test_three_reloads_under_load_fail_no_request(serve) -> None:  # type: ignore[no-untyped-def]
+    server = serve("plain_asgi:app", "--workers", "2", "--no-access-log")
+    before = server.wait_ready(2)
+    load = Load(server.port, connections=8)
+    try:
+        wait_until(lambda: load.ok > 50)
+        for reload in (1, 2, 3):
+            server.proc.send_signal(signal.SIGHUP)
+            server.wait_for_output(f"reload {reload} done")
+        served_before_stop = load.ok
+        wait_until(lambda: load.ok > served_before_stop + 50)
+    finally:
+        load.stop()
+    assert load.failures == []
+    after = server.wait_ready(2)
+    assert not after & before
+    assert server.output.count("drains") == 6
+
+
+def test_sigterm_lets_requests_in_flight_finish(serve) -> None:  # type: ignore[no-untyped-def]
+    server = serve("plain_asgi:app", "--workers", "2")
+    server.wait_ready(2)
+    results: list[tuple[int, str]] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(get(server.port, "/sleep?s=1")))
+        for _ in range(6)
+    ]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: server.output.count('"GET /sleep?s=1') == 0 and _in_flight(server) >= 6)
+    server.proc.send_signal(signal.SIGTERM)
+    for thread in threads:
+        thread.join(30)
+    assert [status for status, _body in results] == [200] * 6
+    assert server.wait_exit() == 0
+
+
+def _in_flight(server) -> int:  # type: ignore[no-untyped-def]
+    """Connections open to the server's port, seen from the client side."""
+    return sum(
+        1
+        for conn in psutil.net_connections(kind="tcp")
+        if conn.raddr and conn.raddr.port == server.port and conn.status == "ESTABLISHED"
+    )
+
+
+def test_a_lifespan_startup_failure_exits_non_zero_with_the_apps_message(serve) -> None:  # type: ignore[no-untyped-def]
+    server = serve("plain_asgi:app", "--workers", "2", env={"APP_LIFESPAN_FAIL": "1"})
+    assert server.wait_exit(60) == 1
+    output = server.output
+    assert output.count("database unreachable at db:5432") == 1
+    assert "crash_loop_limit" in output
+
+
+def test_an_app_that_fails_at_import_shows_its_traceback_once(serve) -> None:  # type: ignore[no-untyped-def]
+    server = serve("broken_import:app", "--workers", "2")
+    assert server.wait_exit(60) == 1
+    output = server.output
+    assert output.count("KeyError: 'DATABASE_URL'") == 1
+    assert output.count("Traceback (most recent call last)") == 1
+
+
+def test_a_module_that_is_not_there_is_refused_before_any_worker_starts(serve) -> None:  # type: ignore[no-untyped-def]
+    server = serve("plain_asgl:app")
+    assert server.wait_exit(30) == 1
+    assert "cannot find module 'plain_asgl' for app 'plain_asgl:app'" in server.output
+    assert "worker" not in server.output.split("cannot find")[0]
+
+
+def test_an_attribute_that_is_not_there_names_the_module() -> None:
+    run = subprocess.run(
+        [ALLCORES, "serve", "plain_asgi:nope", "--workers", "1", "--port", "0"],
+        cwd=APPS,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 1
+    assert run.stderr.count("module 'plain_asgi' has no attribute 'nope'") == 1
+
+
+def test_bad_options_are_refused_naming_the_option_and_what_is_valid() -> None:
+    bad_flag = subprocess.run(
+        [ALLCORES, "serve", "plain_asgi:app", "--workers", "many"],
+        cwd=APPS,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert bad_flag.returncode == 2
+    assert "--workers='many': workers must be 'auto'" in bad_flag.stderr
+    bad_env = subprocess.run(
+        [ALLCORES, "serve", "plain_asgi:app"],
+        cwd=APPS,
+        env={"ALLCORES_POLICY": "fastest", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert bad_env.returncode == 2
+    assert "ALLCORES_POLICY='fastest': policy must be one of balanced, rr" in bad_env.stderr
+
+
+def test_a_wsgi_app_is_found_and_served(serve) -> None:  # type: ignore[no-untyped-def]
+    server = serve("plain_wsgi:app", "--workers", "2")
+    server.wait_ready(2)
+    status, body = get(server.port, "/hello")
+    assert status == 200 and body.split()[1:] == ["wsgi", "/hello"]
+
+
+def test_a_script_with_no_main_guard_serving_its_app_object(serve) -> None:  # type: ignore[no-untyped-def]
+    server = serve(str(APPS / "no_guard_object.py"), program=True)
+    pids = server.wait_ready(2)
+    # The primary and each worker run the script's body: the cluster's model.
+    wait_until(lambda: sum("script body runs" in line for line in server.stdout) == 3)
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.wait_exit() == 0
+    assert not [pid for pid in pids if psutil.pid_exists(pid)]
+
+
+def test_a_script_with_no_main_guard_naming_its_app_as_a_string(serve) -> None:  # type: ignore[no-untyped-def]
+    server = serve(str(APPS / "no_guard_string.py"), program=True)
+    server.wait_ready(2)
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.wait_exit() == 0
+    # Each worker imported the module, whose serve() call then did nothing.
+    assert "failed while booting" not in server.output
