@@ -9,11 +9,14 @@ import time
 
 
 class Load:
-    """*connections* threads sending ``GET /`` on keep-alive connections until
-    `stop()` or *seconds*, whichever comes first."""
+    """*connections* threads sending ``GET /`` on keep-alive connections (with
+    *fresh*, a new connection for each request) until `stop()` or *seconds*."""
 
-    def __init__(self, port: int, connections: int = 8, seconds: float = 60.0) -> None:
+    def __init__(
+        self, port: int, connections: int = 8, seconds: float = 60.0, *, fresh: bool = False
+    ) -> None:
         self.port = port
+        self.fresh = fresh
         self.ok = 0
         self.failures: list[str] = []
         self.pids: set[int] = set()
@@ -39,7 +42,7 @@ class Load:
                         self.pids.add(int(body.split()[0]))
                     else:
                         self.failures.append(f"status {response.status}")
-                if response.getheader("connection", "").lower() == "close":
+                if self.fresh or response.getheader("connection", "").lower() == "close":
                     conn.close()
                     conn = None
             except (OSError, http.client.HTTPException) as exc:

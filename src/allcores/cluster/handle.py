@@ -57,6 +57,10 @@ class Worker(EventEmitter):
         self.started = time.monotonic()
         self.listening_once = False
         self.candidate = False
+        self.hung = False
+        """The watchdog found its loop stuck, dumped its stack and killed it."""
+        self.recycling = False
+        """Its successor is being started (max_requests, max_rss, max_lifetime)."""
         """A reload's new worker that has not listened yet: if it fails, the reload
         stops; its exit is neither a crash nor respawned (`allcores.cluster.rolling`)."""
         self.connections_sent = 0
@@ -119,6 +123,12 @@ class Worker(EventEmitter):
     def open_connections(self) -> int:
         assert self._row is not None
         return self.connections_sent - int(self._row.get("connections_closed"))
+
+    @property
+    def requests_served(self) -> int:
+        """Requests its app answered, as its row counts them (`allcores serve`)."""
+        assert self._row is not None
+        return int(self._row.get("requests_total"))
 
     @property
     def heartbeat_age(self) -> float:

@@ -22,10 +22,13 @@ says what it is; file descriptors travel beside it (SCM_RIGHTS). Who sends what:
             ◄──────────────────────────────────── BYE ──   drained: closes its channel, exits
 
     scoreboard row ◄──── heartbeat, open/closed connection counts (no messages)
+    DUMP_SIGNAL (a signal, not a frame) ───────────────►   faulthandler: every thread's
+                                                          stack to stderr (watchdog)
 """
 
 from __future__ import annotations
 
+import signal
 from typing import Any, Final
 
 __all__ = [
@@ -34,6 +37,7 @@ __all__ = [
     "CONN_BACK",
     "DISCONNECT",
     "DISCONNECTING",
+    "DUMP_SIGNAL",
     "LISTEN",
     "LISTENING",
     "MSG",
@@ -52,6 +56,11 @@ MSG: Final = "msg"
 DISCONNECT: Final = "disconnect"
 DISCONNECTING: Final = "disconnecting"
 BYE: Final = "bye"
+
+# What a worker's faulthandler dumps its stacks on, for the watchdog (health.py): the
+# JVM's convention for a thread dump. Workers run in their own process group, so a
+# terminal's Ctrl-\ never reaches them.
+DUMP_SIGNAL: Final = signal.SIGQUIT
 
 
 def kind_of(frame: Any) -> str | None:

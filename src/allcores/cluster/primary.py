@@ -9,6 +9,7 @@
       ├── policy.py    crash loop and respawn backoff: pure, no I/O
       ├── rolling.py   reload: replace the workers one at a time, each old one
       │                draining only once its successor listens
+      ├── health.py    hung-loop watchdog; recycling (max requests, RSS, lifetime)
       └── messages.py  the message kinds on a worker's channel, with the diagram of
                        who sends which
 
@@ -29,8 +30,11 @@ happened and wake it::
                                            3. refill the wanted rows that are due
                                            4. close reuseport sockets of rows that no
                                               worker holds and none is wanted for
-                                           5. end when no worker is left or wanted;
-                                              else sleep until woken or a row is due
+                                           5. every health interval: hung loops,
+                                              workers due to be recycled (health.py)
+                                           6. end when no worker is left or wanted;
+                                              else sleep until woken, a row is due
+                                              or the next health check
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from allcores._system import new_event_loop, raise_fd_limit, signal_name
 from allcores.cluster import messages
 from allcores.cluster.handle import Worker
 from allcores.cluster.handover import Handover
+from allcores.cluster.health import Health
 from allcores.cluster.policy import Exit, RespawnPolicy, Verdict
 from allcores.cluster.rolling import Rolling
 from allcores.cluster.settings import ClusterSettings
@@ -123,6 +128,8 @@ class Primary(EventEmitter):
         self._last_exit_unplanned = False
         self._when_all_gone: list[Callable[[], Any]] = []
         self._rolling = Rolling(self)
+        self._health = Health(self)
+        self._next_health = 0.0
         # Boot failures whose output was printed, digits blanked: the next worker
         # that fails the same way (an import error fails every one) is not repeated.
         self._shown_failures: set[str] = set()
@@ -328,9 +335,14 @@ class Primary(EventEmitter):
         while True:
             self._wakeup.clear()
             self._act_on_signals()
-            self._reconcile(time.monotonic())
+            now = time.monotonic()
+            self._reconcile(now)
             if not self.workers and not self._wanted:
                 break
+            interval = self._health.interval
+            if interval is not None and now >= self._next_health and not self._stopping:
+                self._next_health = now + interval
+                self._health.check(now)
             await self._sleep()
         if self._failure is not None:
             print(self._failure, file=sys.stderr, flush=True)
@@ -369,9 +381,11 @@ class Primary(EventEmitter):
         """Until something is recorded, or the next wanted row is due."""
         assert self._wakeup is not None
         timer = None
-        if self._wanted:
-            due = min(self._wanted.values())
-            timer = self.loop.call_later(max(0.0, due - time.monotonic()), self._wake)
+        due = [*self._wanted.values()]
+        if self._health.interval is not None and not self._stopping:
+            due.append(self._next_health)
+        if due:
+            timer = self.loop.call_later(max(0.0, min(due) - time.monotonic()), self._wake)
         try:
             await self._wakeup.wait()
         finally:
@@ -389,6 +403,7 @@ class Primary(EventEmitter):
         if timer is not None:
             timer.cancel()
         self.workers.pop(worker.id, None)
+        self._health.forget(worker)
         if self._scoreboard is not None:
             self._scoreboard.row(worker.row).clear()
             self._free_rows.append(worker.row)

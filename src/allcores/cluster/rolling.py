@@ -5,7 +5,10 @@ worker drains only once its successor listens.
 
     SIGHUP / cluster.reload() ──► Rolling.reload(): one more pass queued (a reload
                                   that arrives during a pass runs after it, whole)
-    a pass: for each worker that was serving when the pass began, oldest first:
+    health.py finds a worker due ─► Rolling.recycle(worker): a pass over that one
+    (max_requests, max_rss, max_lifetime)
+    passes run one at a time, in the order asked; in each,
+      for each worker that was serving when the pass began, oldest first:
         fork a successor, marked `candidate` (its failure stops the pass; it is not
         a crash, so it is neither respawned nor counted towards a crash loop)
           ├─ it listens within `ready_timeout` ─► old.disconnect(): the old worker
@@ -21,6 +24,7 @@ lifespan startup first), so at no point is there less capacity than before.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import signal
@@ -38,12 +42,13 @@ log = logging.getLogger("allcores.cluster")
 
 
 class Rolling:
-    """The primary's reloads: queued passes, run one at a time on its loop."""
+    """The primary's reloads and recycles: queued passes, run one at a time."""
 
     def __init__(self, primary: Primary) -> None:
         self._primary = primary
-        self._queued = 0
-        self._passes = 0
+        # Each pass: None for a reload of every worker, or (worker, why) to recycle.
+        self._queued: collections.deque[tuple[Worker, str] | None] = collections.deque()
+        self._reloads = 0
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -52,27 +57,44 @@ class Rolling:
 
     def reload(self) -> None:
         """Queue one pass over the workers serving when it starts."""
-        self._queued += 1
+        self._queue(None)
+
+    def recycle(self, worker: Worker, why: str) -> None:
+        """Queue the replacement of *worker* alone, successor first."""
+        self._queue((worker, why))
+
+    def _queue(self, job: tuple[Worker, str] | None) -> None:
+        self._queued.append(job)
         if self._task is None:
             self._task = self._primary.loop.create_task(self._run())
 
     def cancel(self) -> None:
         """The cluster is stopping: drop the queued passes; the running one ends at
         its next step (a candidate that is booting is stopped with the others)."""
-        self._queued = 0
+        self._queued.clear()
 
     async def _run(self) -> None:
         try:
             while self._queued and not self._primary.stopping:
-                self._queued -= 1
-                self._passes += 1
-                await self._pass(self._passes)
+                job = self._queued.popleft()
+                if job is None:
+                    self._reloads += 1
+                    await self._reload(self._reloads)
+                else:
+                    await self._recycle(*job)
         except Exception:
             log.exception("allcores: reload failed")
         finally:
             self._task = None
 
-    async def _pass(self, number: int) -> None:
+    async def _recycle(self, worker: Worker, why: str) -> None:
+        if not _serving(worker):
+            return
+        log.info("allcores: recycling worker %d (pid %d): %s", worker.id, worker.pid, why)
+        if not await self._replace("recycle", worker) and not self._primary.stopping:
+            worker.recycling = False  # asked for again at the next check
+
+    async def _reload(self, number: int) -> None:
         primary = self._primary
         old = sorted((w for w in primary.workers.values() if _serving(w)), key=lambda w: w.started)
         began = time.monotonic()
@@ -83,7 +105,7 @@ class Rolling:
                 return
             if not _serving(worker):
                 continue  # it died or was told to go since the pass began
-            if not await self._replace(number, worker):
+            if not await self._replace(f"reload {number}", worker):
                 if primary.stopping:
                     return
                 log.error(
@@ -102,7 +124,7 @@ class Rolling:
             time.monotonic() - began,
         )
 
-    async def _replace(self, number: int, old: Worker) -> bool:
+    async def _replace(self, what: str, old: Worker) -> bool:
         primary = self._primary
         new = primary._fork(None, None)
         new.candidate = True
@@ -122,8 +144,8 @@ class Rolling:
         if result == "listening":
             new.candidate = False
             log.info(
-                "allcores: reload %d: worker %d (pid %d) listens; worker %d (pid %d) drains",
-                number,
+                "allcores: %s: worker %d (pid %d) listens; worker %d (pid %d) drains",
+                what,
                 new.id,
                 new.pid,
                 old.id,
@@ -142,8 +164,8 @@ class Rolling:
         else:
             reason = f"exited with code {new.exit_code} before it listened"
         log.error(
-            "allcores: reload %d: the new worker %d (pid %d) %s; its output is above",
-            number,
+            "allcores: %s: the new worker %d (pid %d) %s; its output is above",
+            what,
             new.id,
             new.pid,
             reason,
@@ -152,4 +174,4 @@ class Rolling:
 
 
 def _serving(worker: Worker) -> bool:
-    return not worker.candidate and not worker.exited_after_disconnect and not worker.is_dead()
+    return not (worker.candidate or worker.exited_after_disconnect or worker.is_dead())

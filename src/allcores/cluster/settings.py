@@ -65,6 +65,19 @@ class ClusterSettings:
     """In a reload, a new worker must listen within this many seconds, or the reload
     stops and the old workers serve on: long enough for an app that loads a model
     at startup, short enough that a hung boot does not stall reloads for ever."""
+    timeout_hung: float = 0.0
+    """A serving worker whose loop has not beaten for this many seconds has its
+    stack logged, then is killed and replaced; 0 turns the watchdog off (the
+    default for a plain cluster, whose workers may not run an event loop)."""
+    max_requests: int = 0
+    """Recycle a worker once it has answered this many requests (0: never), plus a
+    random 0..`max_requests_jitter`, so workers started together are not recycled
+    together. Only `allcores serve` counts requests."""
+    max_requests_jitter: int = 0
+    max_rss_mb: float = 0.0
+    """Recycle a worker whose resident memory passes this many MiB (0: never)."""
+    max_lifetime: float = 0.0
+    """Recycle a worker that has been up this many seconds (0: never)."""
     env: dict[str, str] = dataclasses.field(default_factory=dict)
     """Extra environment for every worker."""
     max_workers: int = 1024
@@ -86,7 +99,16 @@ class ClusterSettings:
         for name in ("respawn_delay", "respawn_delay_max", "crash_loop_window", "ready_timeout"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("boot_period", "graceful_timeout", "heartbeat_stale"):
+        for name in (
+            "boot_period",
+            "graceful_timeout",
+            "heartbeat_stale",
+            "timeout_hung",
+            "max_requests",
+            "max_requests_jitter",
+            "max_rss_mb",
+            "max_lifetime",
+        ):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.crash_loop_limit < 1:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import logging
 import os
 import socket
@@ -108,6 +109,9 @@ class WorkerRuntime(EventEmitter):
         self.id = worker_id
         self.exited_after_disconnect = False
         die_with_parent(primary_pid)
+        # The primary's watchdog asks a worker whose loop is stuck for its stacks
+        # before it kills it (`allcores.cluster.health`).
+        faulthandler.register(messages.DUMP_SIGNAL, all_threads=True)
         self._sock = socket.socket(fileno=channel_fd)
         self._blocking = Channel(self._sock)
         fd, rows, row = (int(part) for part in scoreboard.split(":"))

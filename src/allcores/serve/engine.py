@@ -9,7 +9,10 @@
         2. cluster.start_server(HandOffProtocol): the primary now routes
            connections here (balanced / rr), or this loop accepts (shared /
            reuseport); listening means ready, which a reload waits for
-        3. serve until the primary says DISCONNECT (or SIGTERM): drain (handoff.py)
+        3. serve until the primary says DISCONNECT (or SIGTERM): drain (handoff.py);
+           meanwhile a thread logs the stack of any stall past warn_blocking
+           (allcores.observe.stall), and the primary's watchdog kills a loop
+           stuck past timeout_hung (allcores.cluster.health)
         4. lifespan shutdown, exit 0
 
 uvicorn's `Config` does what it does for `uvicorn` itself (protocol classes, TLS
@@ -34,8 +37,9 @@ from uvicorn.server import ServerState
 
 from allcores import cluster
 from allcores._system import new_event_loop
+from allcores.observe.stall import StallReporter
 from allcores.serve.app import load_app
-from allcores.serve.handoff import with_hand_off
+from allcores.serve.handoff import serving_protocol
 from allcores.serve.settings import ServeSettings
 
 __all__ = ["LIFESPAN_FAILED", "logging_config", "run"]
@@ -97,7 +101,7 @@ async def _serve(settings: ServeSettings, config: uvicorn.Config) -> int:
     if lifespan.should_exit:
         return LIFESPAN_FAILED
     state = ServerState()
-    protocol_class = with_hand_off(config.http_protocol_class, runtime)
+    protocol_class = serving_protocol(config.http_protocol_class, runtime)
 
     def protocol() -> asyncio.Protocol:
         made: asyncio.Protocol = protocol_class(
@@ -108,6 +112,10 @@ async def _serve(settings: ServeSettings, config: uvicorn.Config) -> int:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, runtime.disconnect)
     ticker = loop.create_task(_tick(config, state))
+    stalls = None
+    if settings.warn_blocking:
+        stalls = StallReporter(runtime.row, settings.warn_blocking, f"worker {runtime.id}")
+        stalls.start()
     try:
         server = await cluster.start_server(
             protocol_factory=protocol,
@@ -118,6 +126,8 @@ async def _serve(settings: ServeSettings, config: uvicorn.Config) -> int:
         )
         await server.serve_forever()
     finally:
+        if stalls is not None:
+            stalls.stop()
         ticker.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await ticker

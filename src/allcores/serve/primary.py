@@ -49,6 +49,11 @@ def run_primary(settings: ServeSettings, *, rerun_program: bool = False) -> int:
         scheduling_policy=settings.policy,
         respawn=True,
         graceful_timeout=settings.timeout_graceful,
+        timeout_hung=settings.timeout_hung,
+        max_requests=settings.max_requests,
+        max_requests_jitter=settings.max_requests_jitter,
+        max_rss_mb=settings.max_rss,
+        max_lifetime=settings.max_lifetime,
         env={SETTINGS_ENV: settings.to_json()},
     )
     scheme = "https" if settings.ssl_certfile else "http"

@@ -124,6 +124,12 @@ class ServeSettings:
     lifespan: str = "auto"
     timeout_keep_alive: float = 5.0
     timeout_graceful: float = 30.0
+    timeout_hung: float = 30.0
+    warn_blocking: float = 0.1
+    max_requests: int = 0
+    max_requests_jitter: int = 0
+    max_rss: float = 0.0
+    max_lifetime: float = 0.0
     limit_concurrency: int | None = None
     backlog: int = 2048
     wsgi_threads: int = 10
@@ -228,6 +234,12 @@ OPTIONS: dict[str, Parser] = {
     "lifespan": _choice("auto", "on", "off"),
     "timeout_keep_alive": _seconds,
     "timeout_graceful": _seconds,
+    "timeout_hung": _seconds,
+    "warn_blocking": _seconds,
+    "max_requests": _int(0),
+    "max_requests_jitter": _int(0),
+    "max_rss": _seconds,
+    "max_lifetime": _seconds,
     "limit_concurrency": _optional(_int(1)),
     "backlog": _int(1),
     "wsgi_threads": _int(1),

@@ -1,17 +1,23 @@
 """A bare ASGI app for the serve tests, with a lifespan, configured by environment.
 
 ``/`` -> "<pid> <pids whose lifespan started in this process>", ``/sleep?s=S`` -> a
-slow answer; APP_LIFESPAN_FAIL=1 -> the lifespan startup fails with a message.
+slow answer, ``/block?s=S`` -> blocks the event loop for S seconds;
+APP_LIFESPAN_FAIL=1 -> the lifespan startup fails with a message.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import time
 from typing import Any
 from urllib.parse import parse_qs
 
 started: list[int] = []
+
+
+def block_the_loop(seconds: float) -> None:
+    time.sleep(seconds)  # what a CPU-bound handler does to its loop
 
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -31,6 +37,8 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     query = parse_qs(scope["query_string"].decode())
     if scope["path"] == "/sleep":
         await asyncio.sleep(float(query["s"][0]))
+    elif scope["path"] == "/block":
+        block_the_loop(float(query["s"][0]))
     body = f"{os.getpid()} {' '.join(map(str, started))}".encode()
     headers = [(b"content-type", b"text/plain")]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
