@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import runpy
 import sys
@@ -99,6 +100,7 @@ _SERVE_OPTIONS: list[tuple[str, str]] = [
     ("--limit-concurrency", "Connections or requests per worker before 503s (default none)."),
     ("--backlog", "Listen backlog (default 2048)."),
     ("--wsgi-threads", "Threads per worker that run a WSGI app's calls (default 10)."),
+    ("--control", "Path of the control socket (default: per user and port, see docs)."),
     ("--ssl-certfile", "TLS certificate file (PEM)."),
     ("--ssl-keyfile", "TLS private key file (PEM)."),
     ("--ssl-keyfile-password", "Password of the TLS key file."),
@@ -134,3 +136,71 @@ def serve(**options: Any) -> None:
     except ServeSettingsError as exc:
         raise click.UsageError(str(exc)) from None
     sys.exit(run_primary(settings))
+
+
+def _where(command: Any) -> Any:
+    """--port / --control: which running server a command talks to."""
+    command = click.option(
+        "--control",
+        default=None,
+        type=click.Path(dir_okay=False),
+        help="The server's control socket (default: found from --port).",
+    )(command)
+    return click.option(
+        "--port",
+        default=None,
+        type=click.IntRange(0, 65535),
+        help="The port the server listens on (default: ALLCORES_PORT, else 8000).",
+    )(command)
+
+
+def _ask(port: int | None, control: str | None, command: dict[str, Any]) -> dict[str, Any]:
+    from allcores.control.client import ControlError, default_path, request
+
+    if control is None:
+        port = port if port is not None else int(os.environ.get("ALLCORES_PORT", "8000"))
+    path = Path(control) if control is not None else default_path(port or 0)
+    try:
+        return request(path, command)
+    except ControlError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command()
+@_where
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status(port: int | None, control: str | None, as_json: bool) -> None:
+    """Show a running server's workers: pid, state, uptime, requests, load, memory."""
+    answer = _ask(port, control, {"cmd": "status"})
+    if as_json:
+        answer.pop("ok", None)
+        click.echo(json.dumps(answer, indent=2))
+        return
+    from allcores.serve.status_table import print_status
+
+    print_status(answer)
+
+
+@main.command()
+@_where
+def reload(port: int | None, control: str | None) -> None:
+    """Replace every worker of a running server, one at a time (as SIGHUP does)."""
+    answer = _ask(port, control, {"cmd": "reload"})
+    click.echo(f"reloading {answer['reloading']} worker(s), one at a time")
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@_where
+@click.argument("workers")
+def scale(port: int | None, control: str | None, workers: str) -> None:
+    """Run WORKERS workers (N, +N or -N) in a running server."""
+    answer = _ask(port, control, {"cmd": "scale", "workers": workers})
+    click.echo(f"scaling from {answer['was']} to {answer['workers']} worker(s)")
+
+
+@main.command()
+@_where
+def stop(port: int | None, control: str | None) -> None:
+    """Stop a running server gracefully (as SIGTERM does)."""
+    _ask(port, control, {"cmd": "stop"})
+    click.echo("stopping: workers finish their requests, then exit")

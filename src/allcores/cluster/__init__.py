@@ -60,6 +60,7 @@ __all__ = [
     "reload",
     "run",
     "run_async",
+    "scale",
     "scheduling_policy",
     "settings",
     "setup_primary",
@@ -155,6 +156,11 @@ def reload() -> None:
     """Replace every worker, one at a time, each old one draining only once its
     successor listens; SIGHUP to the primary does the same."""
     _the_primary().reload()
+
+
+def scale(count: int) -> None:
+    """Run *count* workers: start new ones, or drain the newest."""
+    _the_primary().scale(count)
 
 
 def stop() -> None:

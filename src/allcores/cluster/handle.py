@@ -117,6 +117,11 @@ class Worker(EventEmitter):
     def is_dead(self) -> bool:
         return self.state == "dead"
 
+    def serving(self) -> bool:
+        """Serving and meant to go on: not draining, not dead, not a reload's
+        candidate (`allcores.cluster.rolling`)."""
+        return not (self.candidate or self.exited_after_disconnect or self.is_dead())
+
     # -- what the primary's hand-over reads and uses ------------------------------
 
     @property

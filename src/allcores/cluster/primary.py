@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import collections
 import contextlib
 import logging
 import os
@@ -128,6 +129,8 @@ class Primary(EventEmitter):
         self._last_exit_unplanned = False
         self._when_all_gone: list[Callable[[], Any]] = []
         self._rolling = Rolling(self)
+        self.restarts: collections.Counter[str] = collections.Counter()
+        """Workers replaced, by cause: crash, hung, reload, recycle."""
         self._health = Health(self)
         self._next_health = 0.0
         # Boot failures whose output was printed, digits blanked: the next worker
@@ -292,6 +295,29 @@ class Primary(EventEmitter):
             raise ClusterError("the cluster is stopping; it does not reload")
         self._rolling.reload()
 
+    def serving(self) -> list[Worker]:
+        """The workers that serve and are meant to go on (not draining, not a
+        reload's candidate), oldest first."""
+        return sorted((w for w in self.workers.values() if w.serving()), key=lambda w: w.started)
+
+    def scale(self, count: int) -> None:
+        """Run *count* workers: start new ones, or drain the newest (Node has no such
+        call; PM2's ``scale``). A crashed worker waiting for its respawn counts."""
+        if self._stopping:
+            raise ClusterError("the cluster is stopping; it does not scale")
+        if count < 0:
+            raise ClusterError(f"cannot run {count} workers: give 0 or more")
+        serving = self.serving()
+        extra = len(serving) + len(self._wanted) - count
+        log.info("allcores: scaling to %d worker(s)", count)
+        for _ in range(-extra):
+            self._fork(None, None)
+        for row in sorted(self._wanted, reverse=True)[: max(0, extra)]:
+            del self._wanted[row]
+            extra -= 1
+        for worker in reversed(serving[len(serving) - max(0, extra) :]):
+            worker.disconnect()
+
     def stop(self) -> None:
         """Stop accepting, drain every worker within the graceful timeout, then end."""
         if self._stopping:
@@ -431,6 +457,7 @@ class Primary(EventEmitter):
         if verdict is Verdict.PLANNED:
             return
         log.warning("allcores: %s", self._policy.describe(worker_exit))
+        self.restarts["hung" if worker.hung else "crash"] += 1
         if verdict is Verdict.CRASH_LOOP:
             self._failure = self._policy.crash_loop_report(
                 worker_exit, worker.output, shown_above=output_shown
@@ -496,12 +523,16 @@ class Primary(EventEmitter):
             except (RuntimeError, ValueError):
                 pass  # not the main thread: the caller handles signals
         try:
-            return await self._supervise()
+            code = await self._supervise()
         finally:
             for signum in installed:
                 loop.remove_signal_handler(signum)
             self._running = False
             self._close_all()
+        if code == 0 and self._last_exit_unplanned:
+            # Nothing stopped the cluster: its last worker died unplanned.
+            code = 1
+        return code
 
     def run(self) -> int:
         """Block in the primary's loop until the cluster ends; returns the exit code.
@@ -513,14 +544,10 @@ class Primary(EventEmitter):
         if loop.is_running():
             raise ClusterError("run() called inside a running event loop; use await run_async()")
         try:
-            code = loop.run_until_complete(self.run_async())
+            return loop.run_until_complete(self.run_async())
         finally:
             if self._own_loop:
                 loop.run_until_complete(loop.shutdown_asyncgens())
-        if code == 0 and self._last_exit_unplanned:
-            # Nothing stopped the cluster: its last worker died unplanned.
-            code = 1
-        return code
 
     def _run_at_exit(self) -> None:
         if self._ran:

@@ -88,7 +88,7 @@ class Rolling:
             self._task = None
 
     async def _recycle(self, worker: Worker, why: str) -> None:
-        if not _serving(worker):
+        if not worker.serving():
             return
         log.info("allcores: recycling worker %d (pid %d): %s", worker.id, worker.pid, why)
         if not await self._replace("recycle", worker) and not self._primary.stopping:
@@ -96,14 +96,14 @@ class Rolling:
 
     async def _reload(self, number: int) -> None:
         primary = self._primary
-        old = sorted((w for w in primary.workers.values() if _serving(w)), key=lambda w: w.started)
+        old = primary.serving()
         began = time.monotonic()
         log.info("allcores: reload %d: replacing %d worker(s), one at a time", number, len(old))
         replaced = 0
         for worker in old:
             if primary.stopping:
                 return
-            if not _serving(worker):
+            if not worker.serving():
                 continue  # it died or was told to go since the pass began
             if not await self._replace(f"reload {number}", worker):
                 if primary.stopping:
@@ -152,6 +152,7 @@ class Rolling:
                 old.pid,
             )
             old.disconnect()
+            primary.restarts[what.split()[0]] += 1
             return True
         if primary.stopping:
             return False
@@ -171,7 +172,3 @@ class Rolling:
             reason,
         )
         return False
-
-
-def _serving(worker: Worker) -> bool:
-    return not (worker.candidate or worker.exited_after_disconnect or worker.is_dead())

@@ -48,7 +48,7 @@ _FIELDS: tuple[tuple[str, str], ...] = (
     ("heartbeat", "d"),
     ("connections", "q"),
     ("connections_closed", "q"),
-    ("tasks", "q"),
+    ("tasks", "q"),  # in flight now: an HTTP worker's requests, a pool process's tasks
     ("requests_total", "q"),
     ("tasks_total", "q"),
     ("lag_ms", "d"),

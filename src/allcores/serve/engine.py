@@ -39,7 +39,8 @@ from allcores import cluster
 from allcores._system import new_event_loop
 from allcores.observe.stall import StallReporter
 from allcores.serve.app import load_app
-from allcores.serve.handoff import serving_protocol
+from allcores.serve.handoff import with_hand_off
+from allcores.serve.metering import metered
 from allcores.serve.settings import ServeSettings
 
 __all__ = ["LIFESPAN_FAILED", "logging_config", "run"]
@@ -88,7 +89,9 @@ def run(settings: ServeSettings) -> int:
     """Serve in this worker until drained; the exit code."""
     app, interface = load_app(settings)
     settings.interface = interface
-    config = uvicorn_config(settings, app)
+    runtime = cluster.worker
+    assert runtime is not None, "allcores.serve.engine runs in a cluster worker"
+    config = uvicorn_config(settings, metered(app, runtime.row))
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         return runner.run(_serve(settings, config))
 
@@ -101,7 +104,7 @@ async def _serve(settings: ServeSettings, config: uvicorn.Config) -> int:
     if lifespan.should_exit:
         return LIFESPAN_FAILED
     state = ServerState()
-    protocol_class = serving_protocol(config.http_protocol_class, runtime)
+    protocol_class = with_hand_off(config.http_protocol_class, runtime)
 
     def protocol() -> asyncio.Protocol:
         made: asyncio.Protocol = protocol_class(

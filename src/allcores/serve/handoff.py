@@ -28,30 +28,19 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from allcores.cluster.worker import WorkerRuntime
 
-__all__ = ["serving_protocol"]
+__all__ = ["with_hand_off"]
 
 # While its last response is still being written, a draining connection is looked
 # at again this often: a slow reader's response, not worth a callback of its own.
 _RECHECK = 0.01
 
 
-def serving_protocol(protocol_class: type[Any], runtime: WorkerRuntime) -> type[Any]:
-    """*protocol_class*, counting each response in the worker's scoreboard row (for
-    `max_requests` and the figures); for httptools, also handing connections on."""
-    requests = runtime.row.slot("requests_total")
-
-    class CountingProtocol(protocol_class):  # type: ignore[misc, valid-type]
-        def on_response_complete(self) -> None:
-            buf, position, fmt = requests
-            fmt.pack_into(buf, position, fmt.unpack_from(buf, position)[0] + 1)
-            super().on_response_complete()
-
+def with_hand_off(protocol_class: type[Any], runtime: WorkerRuntime) -> type[Any]:
+    """*protocol_class* itself, or (httptools) a subclass that hands idle
+    connections on while the worker drains."""
     if not issubclass(protocol_class, HttpToolsProtocol):
-        return CountingProtocol
-    return _with_hand_off(CountingProtocol, runtime)
+        return protocol_class
 
-
-def _with_hand_off(protocol_class: type[Any], runtime: WorkerRuntime) -> type[Any]:
     class HandOffProtocol(protocol_class):  # type: ignore[misc, valid-type]
         _reading = False  # between the start and the end of a request
         _draining = False

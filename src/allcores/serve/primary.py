@@ -4,26 +4,35 @@
 
     allcores serve main:app  /  allcores.serve(app)
       ServeSettings (settings.py) ─► check the app's module is there (app.py)
-      cluster primary: policy, respawn on, graceful timeout, and each worker told
-        what to run: `python -m allcores.serve.worker` with the settings as JSON
-        (an app given as an object: this program run again, up to serve())
-      fork N workers ─► cluster.run(): supervise until SIGTERM / SIGINT; SIGHUP
-        reloads one worker at a time (`allcores.cluster.rolling`); exit code 0
-        after a clean stop, 1 after a crash loop (an import error, a failed
+      cluster primary: policy, respawn on, watchdog and recycling limits, and each
+        worker told what to run: `python -m allcores.serve.worker` with the
+        settings as JSON (an app given as an object: this program run again)
+      on the primary's loop: the control socket (allcores.control), then N workers
+      ─► supervise until SIGTERM / SIGINT / `allcores stop`; SIGHUP or `allcores
+        reload` replaces one worker at a time (allcores.cluster.rolling); exit code
+        0 after a clean stop, 1 after a crash loop (an import error, a failed
         lifespan startup)
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import logging.config
 import sys
+import time
+from pathlib import Path
+from typing import Any
 
-from allcores import cluster
-from allcores._system import available_cpus
+from allcores._system import available_cpus, new_event_loop
+from allcores.cluster.primary import Primary
+from allcores.cluster.settings import ClusterSettings
+from allcores.control.client import ControlError, default_path
+from allcores.control.server import ControlServer
 from allcores.serve.app import AppLoadError, check_findable
 from allcores.serve.engine import logging_config
 from allcores.serve.settings import ServeSettings
+from allcores.serve.status import StatusBuilder
 from allcores.serve.titles import set_title
 from allcores.serve.worker import SETTINGS_ENV
 
@@ -41,12 +50,11 @@ def run_primary(settings: ServeSettings, *, rerun_program: bool = False) -> int:
     except AppLoadError as exc:
         log.error("allcores: %s", exc)
         return 1
-    workers = available_cpus() if settings.workers == "auto" else int(settings.workers)
     set_title(f"primary {settings.app_name}")
-    cluster.setup_primary(
+    cluster_settings = ClusterSettings(
         exec=None if rerun_program else sys.executable,
         args=None if rerun_program else ["-m", "allcores.serve.worker"],
-        scheduling_policy=settings.policy,
+        scheduling_policy=settings.policy,  # type: ignore[arg-type]
         respawn=True,
         graceful_timeout=settings.timeout_graceful,
         timeout_hung=settings.timeout_hung,
@@ -56,17 +64,65 @@ def run_primary(settings: ServeSettings, *, rerun_program: bool = False) -> int:
         max_lifetime=settings.max_lifetime,
         env={SETTINGS_ENV: settings.to_json()},
     )
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return runner.run(_serve(settings, Primary(cluster_settings)))
+
+
+async def _serve(settings: ServeSettings, primary: Primary) -> int:
+    control_path = Path(settings.control) if settings.control else default_path(settings.port)
+    control = ControlServer(control_path, _handlers(primary, settings))
+    try:
+        await control.start()
+    except (ControlError, OSError) as exc:
+        log.error("allcores: cannot open the control socket %s: %s", control_path, exc)
+        return 1
+    workers = available_cpus() if settings.workers == "auto" else int(settings.workers)
     scheme = "https" if settings.ssl_certfile else "http"
     log.info(
-        "allcores: serving %s on %s://%s:%d with %d worker(s), policy %s "
-        "(SIGHUP reloads, Ctrl-C stops)",
+        "allcores: serving %s on %s://%s:%d with %d worker(s), policy %s; "
+        "control socket %s (SIGHUP reloads, Ctrl-C stops)",
         settings.app_name,
         scheme,
         settings.host,
         settings.port,
         workers,
         settings.policy,
+        control_path,
     )
-    for _ in range(workers):
-        cluster.fork()
-    return cluster.run()
+    try:
+        for _ in range(workers):
+            primary.fork()
+        return await primary.run_async()
+    finally:
+        control.close()
+
+
+def _handlers(primary: Primary, settings: ServeSettings) -> dict[str, Any]:
+    status = StatusBuilder(primary, settings.app_name, time.monotonic())
+
+    def reload(_command: dict[str, Any]) -> dict[str, Any]:
+        primary.reload()
+        return {"reloading": len(primary.serving())}
+
+    def scale(command: dict[str, Any]) -> dict[str, Any]:
+        wanted = str(command.get("workers", ""))
+        current = len(primary.serving())
+        try:
+            count = current + int(wanted) if wanted[:1] in "+-" else int(wanted)
+        except ValueError:
+            raise ValueError(f"scale takes N, +N or -N workers, not {wanted!r}") from None
+        if count < 1:
+            raise ValueError(f"cannot scale to {count} workers; to stop, use `allcores stop`")
+        primary.scale(count)
+        return {"workers": count, "was": current}
+
+    def stop(_command: dict[str, Any]) -> dict[str, Any]:
+        primary.stop()
+        return {"stopping": True}
+
+    return {
+        "status": lambda _command: status.build(),
+        "reload": reload,
+        "scale": scale,
+        "stop": stop,
+    }

@@ -133,6 +133,8 @@ class ServeSettings:
     limit_concurrency: int | None = None
     backlog: int = 2048
     wsgi_threads: int = 10
+    control: str | None = None
+    """The control socket's path; None: `allcores.control.client.default_path`."""
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
     ssl_keyfile_password: str | None = None
@@ -243,6 +245,7 @@ OPTIONS: dict[str, Parser] = {
     "limit_concurrency": _optional(_int(1)),
     "backlog": _int(1),
     "wsgi_threads": _int(1),
+    "control": _optional(_text),
     "ssl_certfile": _optional(_text),
     "ssl_keyfile": _optional(_text),
     "ssl_keyfile_password": _optional(_text),
