@@ -295,10 +295,14 @@ class Primary(EventEmitter):
             raise ClusterError("the cluster is stopping; it does not reload")
         self._rolling.reload()
 
-    def serving(self) -> list[Worker]:
-        """The workers that serve and are meant to go on (not draining, not a
-        reload's candidate), oldest first."""
-        return sorted((w for w in self.workers.values() if w.serving()), key=lambda w: w.started)
+    def serving(self, *, listening: bool = False) -> list[Worker]:
+        """The workers that serve or boot to serve, and are meant to go on (not
+        draining, not a reload's candidate), oldest first; with *listening*, only
+        those that listen already."""
+        workers = [w for w in self.workers.values() if w.serving()]
+        if listening:
+            workers = [w for w in workers if w.state == "listening"]
+        return sorted(workers, key=lambda w: w.started)
 
     def scale(self, count: int) -> None:
         """Run *count* workers: start new ones, or drain the newest (Node has no such

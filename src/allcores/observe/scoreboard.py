@@ -23,7 +23,7 @@ import time
 
 from allcores.shm.segment import Segment
 
-__all__ = ["LAG_BUCKETS_MS", "Row", "RowState", "Scoreboard"]
+__all__ = ["LAG_BUCKETS_MS", "LATENCY_BUCKETS_S", "Row", "RowState", "Scoreboard"]
 
 
 class RowState:
@@ -41,6 +41,10 @@ class RowState:
 # They straddle what users feel: under 1 ms is healthy, 100 ms+ is a stalled loop.
 LAG_BUCKETS_MS = (1.0, 5.0, 25.0, 100.0, 500.0, 2000.0)
 
+# Upper bounds (s) of the request-duration buckets an HTTP worker fills (`allcores
+# serve`); the last is "more". Prometheus' default buckets, which dashboards expect.
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
 _FIELDS: tuple[tuple[str, str], ...] = (
     ("pid", "q"),
     ("state", "q"),
@@ -54,8 +58,11 @@ _FIELDS: tuple[tuple[str, str], ...] = (
     ("lag_ms", "d"),
     ("lag_max_ms", "d"),
     ("rss", "q"),
+    ("latency_sum", "d"),
     *((f"lag_bucket_{i}", "q") for i in range(len(LAG_BUCKETS_MS) + 1)),
+    *((f"latency_bucket_{i}", "q") for i in range(len(LATENCY_BUCKETS_S) + 1)),
 )
+_SCALARS = 13  # the fields before the histograms
 _ROW = struct.Struct("=" + "".join(kind for _name, kind in _FIELDS))
 _OFFSETS = {}
 _offset = 0
@@ -80,7 +87,9 @@ class RowSnapshot:
     lag_ms: float
     lag_max_ms: float
     rss: int
+    latency_sum: float
     lag_histogram: tuple[int, ...]
+    latency_histogram: tuple[int, ...]
 
     @property
     def state_name(self) -> str:
@@ -172,8 +181,15 @@ class Scoreboard:
 
     def read(self, index: int) -> RowSnapshot:
         values = _ROW.unpack_from(self.segment.buf, index * ROW_SIZE)
-        fields = dict(zip((name for name, _kind in _FIELDS[:12]), values[:12], strict=True))
-        return RowSnapshot(index=index, lag_histogram=tuple(values[12:]), **fields)
+        names = (name for name, _kind in _FIELDS[:_SCALARS])
+        fields = dict(zip(names, values[:_SCALARS], strict=True))
+        lag_end = _SCALARS + len(LAG_BUCKETS_MS) + 1
+        return RowSnapshot(
+            index=index,
+            lag_histogram=tuple(values[_SCALARS:lag_end]),
+            latency_histogram=tuple(values[lag_end:]),
+            **fields,
+        )
 
     def snapshot(self) -> list[RowSnapshot]:
         return [self.read(i) for i in range(self.rows)]

@@ -40,6 +40,7 @@ from allcores._system import new_event_loop
 from allcores.observe.stall import StallReporter
 from allcores.serve.app import load_app
 from allcores.serve.handoff import with_hand_off
+from allcores.serve.limits import RepeatFilter, sweep, with_limits
 from allcores.serve.metering import metered
 from allcores.serve.settings import ServeSettings
 
@@ -80,8 +81,12 @@ def uvicorn_config(settings: ServeSettings, app: Any) -> uvicorn.Config:
         ssl_certfile=settings.ssl_certfile,
         ssl_keyfile=settings.ssl_keyfile,
         ssl_keyfile_password=settings.ssl_keyfile_password,
+        h11_max_incomplete_event_size=settings.limit_request_line
+        + settings.limit_request_field_size * settings.limit_request_fields,
     )
     config.load()
+    # Bad requests by the thousand must not write the log by the thousand.
+    logging.getLogger("uvicorn.error").addFilter(RepeatFilter())
     return config
 
 
@@ -104,7 +109,7 @@ async def _serve(settings: ServeSettings, config: uvicorn.Config) -> int:
     if lifespan.should_exit:
         return LIFESPAN_FAILED
     state = ServerState()
-    protocol_class = with_hand_off(config.http_protocol_class, runtime)
+    protocol_class = with_hand_off(with_limits(config.http_protocol_class, settings), runtime)
 
     def protocol() -> asyncio.Protocol:
         made: asyncio.Protocol = protocol_class(
@@ -114,7 +119,7 @@ async def _serve(settings: ServeSettings, config: uvicorn.Config) -> int:
 
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, runtime.disconnect)
-    ticker = loop.create_task(_tick(config, state))
+    ticker = loop.create_task(_tick(config, state, settings.timeout_header))
     stalls = None
     if settings.warn_blocking:
         stalls = StallReporter(runtime.row, settings.warn_blocking, f"worker {runtime.id}")
@@ -142,9 +147,12 @@ async def _serve(settings: ServeSettings, config: uvicorn.Config) -> int:
     return 0
 
 
-async def _tick(config: uvicorn.Config, state: ServerState) -> None:
-    """The Date header, once a second, as uvicorn's server does."""
+async def _tick(config: uvicorn.Config, state: ServerState, timeout_header: float) -> None:
+    """Once a second: the Date header, as uvicorn's server does, and the requests
+    whose head is late (limits.py)."""
     while True:
         date = [(b"date", formatdate(time.time(), usegmt=True).encode())]
         state.default_headers = (date if config.date_header else []) + config.encoded_headers
-        await asyncio.sleep(1.0)
+        if timeout_header:
+            sweep(state.connections, timeout_header)
+        await asyncio.sleep(min(1.0, timeout_header / 2) if timeout_header else 1.0)

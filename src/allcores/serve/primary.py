@@ -7,7 +7,8 @@
       cluster primary: policy, respawn on, watchdog and recycling limits, and each
         worker told what to run: `python -m allcores.serve.worker` with the
         settings as JSON (an app given as an object: this program run again)
-      on the primary's loop: the control socket (allcores.control), then N workers
+      on the primary's loop: the control socket (allcores.control), the admin
+      endpoint if asked for (admin.py), then N workers
       ─► supervise until SIGTERM / SIGINT / `allcores stop`; SIGHUP or `allcores
         reload` replaces one worker at a time (allcores.cluster.rolling); exit code
         0 after a clean stop, 1 after a crash loop (an import error, a failed
@@ -29,6 +30,7 @@ from allcores.cluster.primary import Primary
 from allcores.cluster.settings import ClusterSettings
 from allcores.control.client import ControlError, default_path
 from allcores.control.server import ControlServer
+from allcores.serve.admin import AdminServer, parse_address
 from allcores.serve.app import AppLoadError, check_findable
 from allcores.serve.engine import logging_config
 from allcores.serve.settings import ServeSettings
@@ -69,12 +71,19 @@ def run_primary(settings: ServeSettings, *, rerun_program: bool = False) -> int:
 
 
 async def _serve(settings: ServeSettings, primary: Primary) -> int:
+    status = StatusBuilder(primary, settings.app_name, time.monotonic())
     control_path = Path(settings.control) if settings.control else default_path(settings.port)
-    control = ControlServer(control_path, _handlers(primary, settings))
+    control = ControlServer(control_path, _handlers(primary, status))
+    admin = None
     try:
         await control.start()
+        if settings.admin:
+            admin = AdminServer(parse_address(settings.admin), primary, status.build)
+            await admin.start()
+            log.info("allcores: admin endpoint on http://%s:%d/metrics", *admin.address)
     except (ControlError, OSError) as exc:
-        log.error("allcores: cannot open the control socket %s: %s", control_path, exc)
+        log.error("allcores: %s", exc)
+        control.close()
         return 1
     workers = available_cpus() if settings.workers == "auto" else int(settings.workers)
     scheme = "https" if settings.ssl_certfile else "http"
@@ -95,11 +104,11 @@ async def _serve(settings: ServeSettings, primary: Primary) -> int:
         return await primary.run_async()
     finally:
         control.close()
+        if admin is not None:
+            admin.close()
 
 
-def _handlers(primary: Primary, settings: ServeSettings) -> dict[str, Any]:
-    status = StatusBuilder(primary, settings.app_name, time.monotonic())
-
+def _handlers(primary: Primary, status: StatusBuilder) -> dict[str, Any]:
     def reload(_command: dict[str, Any]) -> dict[str, Any]:
         primary.reload()
         return {"reloading": len(primary.serving())}

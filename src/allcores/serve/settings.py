@@ -92,6 +92,14 @@ def _optional(parse: Parser) -> Parser:
     return optional
 
 
+def _admin(value: Any) -> str:
+    text = str(value).strip()
+    port = text.rpartition(":")[2]
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("must be PORT or HOST:PORT, for example 9100 or 0.0.0.0:9100")
+    return text
+
+
 def _workers(value: Any) -> int | str:
     if str(value).strip().lower() == "auto":
         return "auto"
@@ -130,9 +138,16 @@ class ServeSettings:
     max_requests_jitter: int = 0
     max_rss: float = 0.0
     max_lifetime: float = 0.0
+    timeout_header: float = 20.0
+    limit_request_line: int = 8190
+    limit_request_field_size: int = 8190
+    limit_request_fields: int = 100
     limit_concurrency: int | None = None
     backlog: int = 2048
     wsgi_threads: int = 10
+    admin: str | None = None
+    """``PORT`` or ``HOST:PORT`` of the admin endpoint (/metrics, /status, /healthz,
+    /readyz); off when None. A bare port binds 127.0.0.1."""
     control: str | None = None
     """The control socket's path; None: `allcores.control.client.default_path`."""
     ssl_certfile: str | None = None
@@ -242,9 +257,14 @@ OPTIONS: dict[str, Parser] = {
     "max_requests_jitter": _int(0),
     "max_rss": _seconds,
     "max_lifetime": _seconds,
+    "timeout_header": _seconds,
+    "limit_request_line": _int(64),
+    "limit_request_field_size": _int(64),
+    "limit_request_fields": _int(1),
     "limit_concurrency": _optional(_int(1)),
     "backlog": _int(1),
     "wsgi_threads": _int(1),
+    "admin": _optional(_admin),
     "control": _optional(_text),
     "ssl_certfile": _optional(_text),
     "ssl_keyfile": _optional(_text),

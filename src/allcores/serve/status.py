@@ -57,7 +57,7 @@ class StatusBuilder:
             "uptime": round(now - self._started, 1),
             "policy": primary.settings.scheduling_policy,
             "workers": rows,
-            "serving": len(primary.serving()),
+            "serving": len(primary.serving(listening=True)),
             "restarts": dict(primary.restarts),
         }
 

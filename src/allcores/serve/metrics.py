@@ -1,0 +1,117 @@
+"""The whole server's figures in Prometheus' text format, read when scraped.
+
+A prometheus_client collector over the scoreboard: the primary reads every worker's
+row, so there are no per-worker files and no multiprocess folder to clean up, and a
+scrape costs the workers nothing. Workers are labelled by their slot (``worker``,
+the cluster's id) and ``pid``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from allcores.cluster.primary import Primary
+from allcores.observe.scoreboard import LAG_BUCKETS_MS, LATENCY_BUCKETS_S, RowSnapshot
+
+__all__ = ["ServerCollector", "registry_for"]
+
+
+class ServerCollector(Collector):
+    def __init__(self, primary: Primary) -> None:
+        self._primary = primary
+
+    def collect(self) -> Iterator[Metric]:
+        primary = self._primary
+        labels = ["worker", "pid"]
+        requests = CounterMetricFamily(
+            "allcores_requests", "HTTP requests answered, per worker.", labels=labels
+        )
+        in_flight = GaugeMetricFamily(
+            "allcores_requests_in_flight", "HTTP requests being answered now.", labels=labels
+        )
+        connections = GaugeMetricFamily(
+            "allcores_connections_open", "Connections open, per worker.", labels=labels
+        )
+        lag = GaugeMetricFamily(
+            "allcores_loop_lag_seconds", "Event-loop lag at the last beat.", labels=labels
+        )
+        rss = GaugeMetricFamily("allcores_resident_bytes", "Resident memory.", labels=labels)
+        latency = HistogramMetricFamily(
+            "allcores_request_duration_seconds",
+            "Time the app took to answer, per worker.",
+            labels=labels,
+        )
+        lag_histogram = HistogramMetricFamily(
+            "allcores_loop_lag_histogram_seconds",
+            "Event-loop lag at each 50 ms beat, per worker.",
+            labels=labels,
+        )
+        for worker in sorted(primary.workers.values(), key=lambda w: w.id):
+            row = primary.scoreboard.read(worker.row)
+            values = [str(worker.id), str(worker.pid)]
+            requests.add_metric(values, row.requests_total)
+            in_flight.add_metric(values, row.tasks)
+            connections.add_metric(values, max(0, worker.open_connections))
+            lag.add_metric(values, row.lag_ms / 1000)
+            rss.add_metric(values, _rss(worker.pid))
+            latency.add_metric(
+                values,
+                _cumulative(row.latency_histogram, LATENCY_BUCKETS_S),
+                sum_value=row.latency_sum,
+            )
+            lag_histogram.add_metric(
+                values,
+                _cumulative(row.lag_histogram, [ms / 1000 for ms in LAG_BUCKETS_MS]),
+                sum_value=_lag_sum(row),
+            )
+        yield from (requests, in_flight, connections, lag, rss, latency, lag_histogram)
+        workers = GaugeMetricFamily("allcores_workers", "Workers serving now.")
+        workers.add_metric([], len(primary.serving(listening=True)))
+        yield workers
+        restarts = CounterMetricFamily(
+            "allcores_restarts", "Workers replaced, by cause.", labels=["cause"]
+        )
+        for cause in ("crash", "hung", "reload", "recycle"):
+            restarts.add_metric([cause], primary.restarts.get(cause, 0))
+        yield restarts
+
+
+def registry_for(primary: Primary) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ServerCollector(primary))
+    return registry
+
+
+def _cumulative(
+    counts: tuple[int, ...], bounds: tuple[float, ...] | list[float]
+) -> list[tuple[str, float]]:
+    total = 0.0
+    buckets = []
+    for bound, count in zip([*bounds, float("inf")], counts, strict=True):
+        total += count
+        buckets.append(("+Inf" if bound == float("inf") else repr(bound), total))
+    return buckets
+
+
+def _lag_sum(row: RowSnapshot) -> float:
+    # The row keeps lag counts per bucket, not their sum: each counts at its bucket's
+    # lower bound, a floor that Prometheus' averages then err below, never above.
+    lower = [0.0, *(ms / 1000 for ms in LAG_BUCKETS_MS)]
+    return sum(bound * count for bound, count in zip(lower, row.lag_histogram, strict=True))
+
+
+def _rss(pid: int) -> int:
+    try:
+        import psutil
+
+        return int(psutil.Process(pid).memory_info().rss)
+    except Exception:
+        return 0
