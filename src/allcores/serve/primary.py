@@ -58,6 +58,9 @@ def run_primary(settings: ServeSettings, *, rerun_program: bool = False) -> int:
         args=None if rerun_program else ["-m", "allcores.serve.worker"],
         scheduling_policy=settings.policy,  # type: ignore[arg-type]
         respawn=True,
+        # A worker that dies is replaced at once (a new pid within ~30 ms); the delay
+        # doubles only while its replacements keep dying within boot_period.
+        respawn_delay=0.02,
         graceful_timeout=settings.timeout_graceful,
         timeout_hung=settings.timeout_hung,
         max_requests=settings.max_requests,
