@@ -6,6 +6,7 @@
       ├── handle.py    Worker: the primary's handle on one worker (Node's Worker)
       ├── spawn.py     argv and environment, Popen, exit watch (pidfd), stderr tail
       ├── handover.py  listening sockets; accept, pick a worker, pass the fd
+      ├── inbox.py     what each frame from a worker does
       ├── policy.py    crash loop and respawn backoff: pure, no I/O
       ├── rolling.py   reload: replace the workers one at a time, each old one
       │                draining only once its successor listens
@@ -46,9 +47,7 @@ import contextlib
 import logging
 import os
 import random
-import re
 import signal
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -59,6 +58,7 @@ from allcores.cluster import messages
 from allcores.cluster.handle import Worker
 from allcores.cluster.handover import Handover
 from allcores.cluster.health import Health
+from allcores.cluster.inbox import Inbox
 from allcores.cluster.policy import Exit, RespawnPolicy, Verdict
 from allcores.cluster.rolling import Rolling
 from allcores.cluster.settings import ClusterSettings
@@ -73,7 +73,7 @@ from allcores.cluster.spawn import (
     worker_argv,
     worker_env,
 )
-from allcores.errors import AllcoresError, ChannelError
+from allcores.errors import AllcoresError
 from allcores.events import EventEmitter
 from allcores.ipc.async_channel import AsyncChannel
 from allcores.ipc.channel import channel_pair
@@ -129,6 +129,7 @@ class Primary(EventEmitter):
         self._last_exit_unplanned = False
         self._when_all_gone: list[Callable[[], Any]] = []
         self._rolling = Rolling(self)
+        self._inbox = Inbox(self)
         self.restarts: collections.Counter[str] = collections.Counter()
         """Workers replaced, by cause: crash, hung, reload, recycle."""
         self._health = Health(self)
@@ -221,12 +222,13 @@ class Primary(EventEmitter):
         worker._child_end = child_sock
         scoreboard.row(row).set("pid", worker.process.pid)
         self.workers[worker.id] = worker
+        inbox = self._inbox
         worker._channel = AsyncChannel(
             parent_sock,
-            lambda obj, fds: self._on_worker_message(worker, obj, fds),
-            lambda exc: self._on_worker_channel_closed(worker, exc),
+            lambda obj, fds: inbox.on_message(worker, obj, fds),
+            lambda exc: inbox.on_closed(worker, exc),
             loop=loop,
-            on_error=lambda exc: self._on_bad_message(worker, exc),
+            on_error=lambda exc: inbox.on_bad_message(worker, exc),
         )
         ExitWatch(loop, worker.process, lambda status: self._on_exit(worker, status))
         # Its stderr is held until it listens (or has been up `boot_period`): a boot
@@ -472,26 +474,16 @@ class Primary(EventEmitter):
             self._wanted[worker.row] = ended + delay
 
     def _show_output(self, worker: Worker) -> bool:
-        """Read a dead worker's last words and show what was held back, unless a
-        worker that failed before it printed the same. True if it is on screen."""
+        """Read a dead worker's last words; show what was held back, unless a worker
+        that failed before it printed the same. True if its output is on screen."""
         tail = worker._stderr
         if tail is None:
             return False
-        tail.read()
-        if not tail.holding:
-            return not self.settings.silent
-        failure = re.sub(r"\d+", "#", "\n".join(worker.output))
-        if failure in self._shown_failures:
-            tail.release(show=False)
-            if not self.settings.silent and worker.output:
-                log.warning(
-                    "allcores: worker %d printed the same output as the one before it "
-                    "(shown above)",
-                    worker.id,
-                )
-        else:
-            self._shown_failures.add(failure)
-            tail.release()
+        if not tail.show_once(self._shown_failures) and worker.output:
+            log.warning(
+                "allcores: worker %d printed the same as one before it (shown above)",
+                worker.id,
+            )
         return not self.settings.silent
 
     def _respawn_wanted(self, worker: Worker) -> bool:
@@ -570,65 +562,3 @@ class Primary(EventEmitter):
         if self._scoreboard is not None and not self.workers:
             self._scoreboard.close()
             self._scoreboard = None
-
-    # -- channel messages ---------------------------------------------------------
-
-    def _on_worker_message(self, worker: Worker, frame: Any, fds: list[int]) -> None:
-        kind = messages.kind_of(frame)
-        if kind == messages.MSG:
-            handle = socket.socket(fileno=fds[0]) if fds else None
-            for extra in fds[1:]:
-                os.close(extra)
-            self._emit_both("message", worker, frame.get("data"), handle)
-            return
-        if kind == messages.CONN_BACK:
-            self._handover.take_back(worker, frame, fds)
-            return
-        for fd in fds:
-            os.close(fd)
-        if kind == messages.ONLINE:
-            worker.state = "online"
-            self.scoreboard.row(worker.row).set("state", RowState.READY)
-            self._emit_both("online", worker)
-        elif kind == messages.LISTEN:
-            self._on_listen(worker, frame)
-        elif kind == messages.UNLISTEN:
-            self._forget_listening(worker)
-        elif kind == messages.BYE:
-            # The worker closes its end after this; with the primary holding a
-            # reference to that end no EOF would tell us, so the worker says so.
-            if worker._channel is not None:
-                worker._channel.close()
-        elif kind == messages.DISCONNECTING:
-            worker.exited_after_disconnect = True
-            worker.state = "disconnecting"
-            self._start_draining(worker)
-            self._arm_kill_timer(worker)
-        else:
-            log.warning("allcores: worker %d sent an unknown message %r; ignored", worker.id, frame)
-
-    def _on_listen(self, worker: Worker, request: dict[str, Any]) -> None:
-        refuse = self._stopping or worker.state in ("disconnecting", "disconnected")
-        address = self._handover.listen(worker, request, refuse=refuse)
-        if address is None:
-            return
-        worker.state = "listening"
-        worker.listening_once = True
-        if worker._stderr is not None:
-            worker._stderr.release()
-        self._emit_both("listening", worker, address)
-
-    def _on_bad_message(self, worker: Worker, exc: ChannelError) -> None:
-        log.error("allcores: worker %d sent a message that was dropped: %s", worker.id, exc)
-        worker.emit("error", exc)
-
-    def _on_worker_channel_closed(self, worker: Worker, exc: BaseException | None) -> None:
-        if isinstance(exc, ChannelError):
-            log.error("allcores: channel to worker %d broke: %s", worker.id, exc)
-            worker.emit("error", exc)
-        self._forget_listening(worker)
-        if worker.state != "dead":
-            worker.state = "disconnected"
-        self._emit_both("disconnect", worker)
-        if worker.exited_after_disconnect:
-            self._arm_kill_timer(worker)

@@ -25,6 +25,7 @@ import asyncio
 import collections
 import contextlib
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
@@ -205,6 +206,19 @@ class StderrTail:
         held, self._held = self._held, None
         if held and show:
             self._forward(bytes(held))
+
+    def show_once(self, shown: set[str]) -> bool:
+        """At the worker's end: read the rest, and if its output was held back, show
+        it unless *shown* (the outputs, digits blanked, already on screen) has it.
+        False only when it was held back and not shown for that reason."""
+        self.read()
+        if self._held is None:
+            return True
+        failure = re.sub(r"\d+", "#", "\n".join(self._lines))
+        first = failure not in shown
+        shown.add(failure)
+        self.release(show=first)
+        return first
 
     def read(self) -> None:
         """Read what is there now; at EOF, stop reading and keep the unfinished line."""
