@@ -1,4 +1,4 @@
-"""The HTTP benchmark: hello world under uvicorn, gunicorn and allcores' cluster.
+"""The HTTP benchmark: hello world under uvicorn, gunicorn, granian and `allcores serve`.
 
     for run in 1..R:                       interleaved (A B C … A B C …)
       for server in SERVERS:
@@ -87,9 +87,11 @@ def server_spec(name: str, port: int, s: HttpSettings) -> ServerSpec:
         argv += ["--loop", "uvloop", "--no-access-log", "hello:app"]
         return ServerSpec(name, argv, env, s.workers)
     if name.startswith("allcores-"):
-        policy = name.removeprefix("allcores-")
-        env |= {"BENCH_POLICY": policy, "BENCH_WORKERS": workers, "BENCH_PORT": str(port)}
-        argv = [s.project_python, str(APPS_DIR / "allcores_hello.py")]
+        # `allcores serve` as a user runs it, with the flags the anchors get: uvloop and
+        # httptools (its defaults), no access log, no lifespan.
+        cli = os.path.join(os.path.dirname(s.project_python), "allcores")
+        argv = [cli, "serve", "hello:app", *host, "--workers", workers]
+        argv += ["--policy", name.removeprefix("allcores-"), "--no-access-log", "--lifespan", "off"]
         return ServerSpec(name, argv, env, s.workers)
     raise ValueError(f"unknown server {name!r}")
 

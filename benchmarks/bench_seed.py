@@ -90,9 +90,11 @@ def _argv(variant: str, port: int, s: SeedSettings) -> tuple[list[str], str]:
     if variant in ("allcores", "allcores-nice0"):
         return [s.project_python, "-m", "uvicorn", "seed_app:app", *uvicorn_flags], "allcores"
     if variant == "allcores-serve":
-        # The planned `allcores serve` CLI: `allcores serve app:app --workers N --bind host:port`.
+        # One HTTP worker, as uvicorn single process in the other variants; its /cpu goes
+        # through offload (a pool beside that worker, until serve shares one).
         cli = str(Path(s.project_python).parent / "allcores")
-        argv = [cli, "serve", "seed_app:app", "--workers", "1", "--bind", f"127.0.0.1:{port}"]
+        argv = [cli, "serve", "seed_app:app", "--workers", "1", "--no-access-log"]
+        argv += ["--host", "127.0.0.1", "--port", str(port), "--lifespan", "on"]
         return argv, "offload"
     raise ValueError(f"unknown variant {variant!r}")
 

@@ -4,6 +4,7 @@
     python benchmarks/run.py http --runs 5 --duration 10 hello world: uvicorn, gunicorn, allcores
     python benchmarks/run.py pool --repeats 3            PPE, loky, pebble, anyio, allcores
     python benchmarks/run.py seed --runs 3               the seed's /cpu-versus-/ experiment
+    python benchmarks/run.py reload --runs 3             failed requests over 3 reloads
     python benchmarks/run.py import --runs 30            import allcores vs concurrent.futures
     python benchmarks/run.py pool --quick                tiny settings: proves the harness runs
     python benchmarks/run.py report results/pool-….json  the tables again, from the samples
@@ -30,6 +31,7 @@ import bench_env
 import bench_http
 import bench_import
 import bench_pool
+import bench_reload
 import bench_seed
 
 # --quick: enough to go through every code path once, in seconds, on any machine.
@@ -72,6 +74,19 @@ def _parser() -> argparse.ArgumentParser:
     http.add_argument(
         "--servers",
         default=",".join(bench_http.DEFAULT_SERVERS),
+        help="comma-separated, from: "
+        + ", ".join(bench_http.DEFAULT_SERVERS + bench_http.OPTIONAL_SERVERS),
+    )
+
+    reload = sub.add_parser("reload", help="failed requests while each server reloads")
+    common(reload)
+    reload.add_argument("--runs", type=int, default=3)
+    reload.add_argument("--gap", type=float, default=3.0, help="seconds between reloads")
+    reload.add_argument("--connections", type=int, default=32)
+    reload.add_argument("--workers", type=int, default=2)
+    reload.add_argument(
+        "--servers",
+        default=",".join(bench_reload.SERVERS),
         help="comma-separated, from: "
         + ", ".join(bench_http.DEFAULT_SERVERS + bench_http.OPTIONAL_SERVERS),
     )
@@ -148,6 +163,10 @@ def report(path: Path, write: bool) -> str:
         result["summary"] = bench_http.summaries(samples, settings["servers"])
         result["goals"] = bench_http.goals(result["summary"])
         text = bench_http.render(result)
+    elif result["benchmark"] == "reload":
+        result["summary"] = bench_reload.summaries(samples)
+        result["goals"] = bench_reload.goals(result["summary"])
+        text = bench_reload.render(result)
     elif result["benchmark"] == "pool":
         result["summary"] = bench_pool.summaries(samples, settings["workloads"], settings["pools"])
         result["goals"] = bench_pool.goals(result["summary"])
@@ -201,6 +220,30 @@ def main(argv: list[str] | None = None) -> None:
         _finish("pool", args, result, bench_pool.render(result), env)
         return
     wrk = _wrk()
+    if args.command == "reload":
+        allowed = bench_http.DEFAULT_SERVERS + bench_http.OPTIONAL_SERVERS
+        http_settings = bench_http.HttpSettings(
+            runs=1,
+            duration_s=0,
+            warmup_s=0,
+            connections=args.connections,
+            servers=[],
+            workers=args.workers,
+            anchors_python=anchors,
+            project_python=project,
+            wrk=wrk,
+        )
+        reload_settings = bench_reload.ReloadSettings(
+            runs=QUICK["runs"] if args.quick else args.runs,
+            gap_s=1.0 if args.quick else args.gap,
+            connections=args.connections,
+            servers=_split(args.servers, allowed),
+            http=http_settings,
+        )
+        env = bench_env.describe_environment(anchors, wrk)
+        result = bench_reload.run_reload_benchmark(reload_settings)
+        _finish("reload", args, result, bench_reload.render(result), env)
+        return
     if args.command == "http":
         allowed = bench_http.DEFAULT_SERVERS + bench_http.OPTIONAL_SERVERS
         servers = _split(args.servers, allowed)

@@ -110,6 +110,19 @@ def test_seed_part_runs_the_pool_variant(tmp_path: Path) -> None:
     assert "allcores-serve" in result["summary"]
 
 
+def test_reload_part_counts_failed_requests_and_new_pids(tmp_path: Path) -> None:
+    wrk_or_skip()
+    result = run_quick(tmp_path, "reload", "--servers", "allcores-balanced")
+
+    (sample,) = result["samples"]
+    assert sample["error"] is None and sample["requests"] > 0
+    assert {"failed", "every_pid_changed", "workers_before", "workers_after"} <= sample.keys()
+    assert [g["goal"] for g in result["goals"]] == [
+        "allcores-balanced: failed requests over 3 reloads, worst run"
+    ]
+    assert still_running(sample["workers_before"] + sample["workers_after"]) == []
+
+
 def test_import_part_times_every_statement(tmp_path: Path) -> None:
     out = tmp_path / "import.json"
     proc = subprocess.run(
