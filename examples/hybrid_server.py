@@ -1,7 +1,7 @@
 """The seed's closing idea: the cluster balances requests over the workers, and each
 worker sends `/cpu` to its own pool, so no event loop ever runs the CPU-heavy loop.
 
-    python examples/hybrid_server.py         # or: allcores demo
+    python examples/hybrid_server.py         # or: allcores demo --example hybrid
     curl localhost:8000/                     # Hello from Worker <pid>!
     curl localhost:8000/cpu                  # the sum, computed in a pool process
     kill -9 <a worker pid>                   # "Worker <pid> died", and a new one starts

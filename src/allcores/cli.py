@@ -34,20 +34,42 @@ def main() -> None:
     "--example",
     type=click.Choice(sorted(DEMOS)),
     default=None,
-    help="Which example to run (default: hybrid if present, else cluster).",
+    help="Run an example from examples/ instead of the served demo app.",
 )
 @click.option("--port", type=click.IntRange(0, 65535), default=None, help="Port (default 8000).")
 def demo(example: str | None, port: int | None) -> None:
-    """Run an example server from examples/ and say what to try."""
+    """Serve the seed's demo app with `allcores serve`, and say what to try."""
+    if example is not None:
+        _run_example(example, port)
+        return
+    from allcores import available_cpus
+    from allcores.serve.primary import run_primary
+    from allcores.serve.settings import ServeSettings
+
+    port = 8000 if port is None else port
+    # Half the cores serve HTTP, half compute /cpu (one pool process per worker).
+    workers = max(1, available_cpus() // 2)
+    app = "allcores.serve.demo_app:app"
+    click.echo(f"allcores demo: allcores serve {app} --workers {workers} --port {port}")
+    click.echo("Try, from another terminal:")
+    click.echo(f"  curl localhost:{port}/         # answered by a worker (its pid)")
+    click.echo(f"  curl localhost:{port}/cpu      # summed in a pool process; / still answers")
+    click.echo(f"  allcores status --port {port}  # the workers, their requests and memory")
+    click.echo(f"  allcores reload --port {port}  # new workers, one at a time, nothing lost")
+    click.echo("  kill -9 <a worker pid>         # the primary replaces it at once")
+    click.echo("Stop with Ctrl-C.")
+    settings = ServeSettings.load({"app": app, "port": port, "workers": workers})
+    sys.exit(run_primary(settings))
+
+
+def _run_example(example: str, port: int | None) -> None:
     from allcores import cluster
 
-    if example is None:
-        example = "hybrid" if (EXAMPLES / DEMOS["hybrid"]).exists() else "cluster"
     path = EXAMPLES / DEMOS[example]
     if not path.exists():
         raise click.ClickException(
-            f"{path} not found: `allcores demo` runs the examples of a source checkout "
-            "(git clone the repository, then ./dev demo)"
+            f"{path} not found: `allcores demo --example` runs the examples of a source "
+            "checkout (git clone the repository, then ./dev demo --example ...)"
         )
     if port is not None:
         os.environ["PORT"] = str(port)

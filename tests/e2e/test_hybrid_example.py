@@ -74,12 +74,31 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_demo_defaults_to_the_hybrid(processes: Processes) -> None:
+def test_demo_serves_the_demo_app_with_offload(processes: Processes) -> None:
     port = free_port()
     allcores = Path(sys.executable).with_name("allcores")
     proc, out = start(processes, [str(allcores), "demo", "--port", str(port)], port)
-    wait_until(lambda: out.matching(r"Worker (\d+) started"))
-    assert out.matching(r"running examples/hybrid_server.py")
-    assert "Sum" in http_get(port, "/cpu", timeout=60)
+    wait_until(lambda: _answers(port))
+    assert out.matching(r"allcores demo: allcores serve allcores.serve.demo_app:app")
+    assert http_get(port, "/").startswith("Hello from Worker ")
+    assert f"Sum: {sum(range(30_000_000))}" in http_get(port, "/cpu", timeout=60)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(30) == 0
+
+
+def test_demo_runs_the_hybrid_example_when_asked(processes: Processes) -> None:
+    port = free_port()
+    allcores = Path(sys.executable).with_name("allcores")
+    argv = [str(allcores), "demo", "--example", "hybrid", "--port", str(port)]
+    proc, out = start(processes, argv, port)
+    wait_until(lambda: out.matching(r"Worker (\d+) started"))
+    assert out.matching(r"running examples/hybrid_server.py")
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(30) == 0
+
+
+def _answers(port: int) -> bool:
+    try:
+        return http_get(port, "/", timeout=2).startswith("Hello")
+    except OSError:
+        return False
