@@ -118,21 +118,8 @@ class Handover:
             reply["stopping"] = True
             worker._post(reply)
             return None
-        key = (host, port)
-        listener = self._listeners.get(key)
         try:
-            if listener is None:
-                reuseport = policy == "reuseport"
-                # Under reuseport the primary's own socket only holds the port (bound,
-                # not listening, so the kernel sends it nothing); each worker row gets
-                # its own listening socket.
-                sock = bind_listener(
-                    host, port, backlog=backlog, reuseport=reuseport, listen=not reuseport
-                )
-                listener = _Listener(key, policy, sock)
-                self._listeners[key] = listener
-                if port == 0:
-                    self._listeners[(host, listener.address.port)] = listener
+            listener = self._listener(host, port, backlog)
         except OSError as exc:
             reply["error"] = str(exc)
             worker._post(reply)
@@ -153,6 +140,28 @@ class Handover:
             self._flush_pending(listener)
             self._start_accepting(listener)
         return address
+
+    def bind(self, host: str | None, port: int, backlog: int | None = None) -> Address:
+        """Listen on (host, port) now, before any worker asks: a port that is taken
+        fails here, in the primary, and port 0 gets its number. BindError if not."""
+        return self._listener(host or "0.0.0.0", port, backlog or DEFAULT_BACKLOG).address
+
+    def _listener(self, host: str, port: int, backlog: int) -> _Listener:
+        listener = self._listeners.get((host, port))
+        if listener is None:
+            policy = self._settings.scheduling_policy
+            reuseport = policy == "reuseport"
+            # Under reuseport the primary's own socket only holds the port (bound, not
+            # listening, so the kernel sends it nothing); each worker row gets its own
+            # listening socket.
+            sock = bind_listener(
+                host, port, backlog=backlog, reuseport=reuseport, listen=not reuseport
+            )
+            listener = _Listener((host, port), policy, sock)
+            self._listeners[(host, port)] = listener
+            if port == 0:
+                self._listeners[(host, listener.address.port)] = listener
+        return listener
 
     def forget(self, worker: Worker) -> None:
         """Route no more connections to *worker*."""

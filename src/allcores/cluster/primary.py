@@ -59,6 +59,7 @@ from allcores.cluster.handle import Worker
 from allcores.cluster.handover import Handover
 from allcores.cluster.health import Health
 from allcores.cluster.inbox import Inbox
+from allcores.cluster.listeners import Address
 from allcores.cluster.policy import Exit, RespawnPolicy, Verdict
 from allcores.cluster.rolling import Rolling
 from allcores.cluster.settings import ClusterSettings
@@ -289,6 +290,12 @@ class Primary(EventEmitter):
 
     # -- stopping -------------------------------------------------------------------
 
+    def bind(self, host: str | None, port: int, backlog: int | None = None) -> Address:
+        """Listen on (host, port) before any worker asks for it: a taken port is a
+        BindError here, and port 0 gets its number (workers then ask for that port)."""
+        self.scoreboard  # noqa: B018 - a primary from here on: its fd limit is raised
+        return self._handover.bind(host, port, backlog)
+
     def reload(self) -> None:
         """Replace every worker, one at a time, each old one draining only once its
         successor listens (SIGHUP does this). A reload asked for during another runs
@@ -426,7 +433,7 @@ class Primary(EventEmitter):
 
     def _bury(self, worker: Worker, ended: float) -> None:
         """Everything that follows a worker's exit, then the decision on its row."""
-        output_shown = self._show_output(worker)
+        repeated = worker._stderr is not None and not worker._stderr.show_once(self._shown_failures)
         self._forget_listening(worker)
         self._handover.recover(worker)
         if worker._channel is not None and not worker._channel.closed:
@@ -462,29 +469,18 @@ class Primary(EventEmitter):
         verdict = self._policy.judge(worker_exit)
         if verdict is Verdict.PLANNED:
             return
-        log.warning("allcores: %s", self._policy.describe(worker_exit))
+        # Its output was held back and is the same as a worker's before it: one line.
+        same = " (its output: the same as above)" if repeated and worker.output else ""
+        log.warning("allcores: %s%s", self._policy.describe(worker_exit), same)
         self.restarts["hung" if worker.hung else "crash"] += 1
         if verdict is Verdict.CRASH_LOOP:
             self._failure = self._policy.crash_loop_report(
-                worker_exit, worker.output, shown_above=output_shown
+                worker_exit, worker.output, shown_above=not self.settings.silent
             )
             self.stop()
         elif self._respawn_wanted(worker):
             delay = self._policy.respawn_delay(worker_exit, random.random())
             self._wanted[worker.row] = ended + delay
-
-    def _show_output(self, worker: Worker) -> bool:
-        """Read a dead worker's last words; show what was held back, unless a worker
-        that failed before it printed the same. True if its output is on screen."""
-        tail = worker._stderr
-        if tail is None:
-            return False
-        if not tail.show_once(self._shown_failures) and worker.output:
-            log.warning(
-                "allcores: worker %d printed the same as one before it (shown above)",
-                worker.id,
-            )
-        return not self.settings.silent
 
     def _respawn_wanted(self, worker: Worker) -> bool:
         rule = self.settings.respawn

@@ -133,6 +133,9 @@ async def _serve(settings: ServeSettings, config: uvicorn.Config) -> int:
             ssl=config.ssl,
         )
         await server.serve_forever()
+    except BaseException:
+        await lifespan.shutdown()  # the app's own clean-up runs even so
+        raise
     finally:
         if stalls is not None:
             stalls.stop()

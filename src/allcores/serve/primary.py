@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from allcores._system import available_cpus, new_event_loop
+from allcores.cluster.listeners import BindError
 from allcores.cluster.primary import Primary
 from allcores.cluster.settings import ClusterSettings
 from allcores.control.client import ControlError, default_path
@@ -74,6 +75,14 @@ def run_primary(settings: ServeSettings, *, rerun_program: bool = False) -> int:
 
 
 async def _serve(settings: ServeSettings, primary: Primary) -> int:
+    try:
+        # Bound here, before any worker starts: a taken port fails at once, with who
+        # holds it, and --port 0 gets its number for the workers and the log.
+        settings.port = primary.bind(settings.host, settings.port, settings.backlog).port
+    except BindError as exc:
+        log.error("allcores: %s", exc.strerror or exc)
+        return 1
+    primary.settings.env[SETTINGS_ENV] = settings.to_json()
     status = StatusBuilder(primary, settings.app_name, time.monotonic())
     control_path = Path(settings.control) if settings.control else default_path(settings.port)
     control = ControlServer(control_path, _handlers(primary, status))
