@@ -31,6 +31,7 @@ RELOADS = 3
 class ReloadSettings:
     runs: int
     gap_s: float
+    lead_s: float  # wrk runs this long before the first reload and after the last
     connections: int
     servers: list[str]
     http: HttpSettings
@@ -46,11 +47,11 @@ def measure_sample(name: str, s: ReloadSettings, run_index: int) -> dict[str, An
     except RuntimeError as exc:
         sample["error"] = str(exc)
         return sample
-    duration = int(2 + RELOADS * s.gap_s + 2)
+    duration = int(s.lead_s + RELOADS * s.gap_s + s.lead_s + 0.5)
     try:
         before = {p.pid for p in worker_processes(server)}
         wrk = start_wrk(s.http.wrk, f"http://127.0.0.1:{port}/", s.connections, duration)
-        time.sleep(2)
+        time.sleep(s.lead_s)
         for _ in range(RELOADS):
             os.kill(server.proc.pid, signal.SIGHUP)
             time.sleep(s.gap_s)

@@ -235,7 +235,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         reload_settings = bench_reload.ReloadSettings(
             runs=QUICK["runs"] if args.quick else args.runs,
-            gap_s=1.0 if args.quick else args.gap,
+            gap_s=0.5 if args.quick else args.gap,
+            lead_s=1.0 if args.quick else 2.0,
             connections=args.connections,
             servers=_split(args.servers, allowed),
             http=http_settings,

@@ -100,14 +100,13 @@ def test_http_part_measures_and_counts_connections(tmp_path: Path) -> None:
     assert still_running(workers) == []
 
 
-def test_seed_part_runs_the_pool_variant(tmp_path: Path) -> None:
+def test_seed_part_runs_the_served_variant(tmp_path: Path) -> None:
     wrk_or_skip()
-    result = run_quick(tmp_path, "seed", "--variants", "ppe,allcores-serve")
+    result = run_quick(tmp_path, "seed", "--variants", "allcores-serve")
 
-    ppe = result["summary"]["ppe"]
-    assert ppe["skipped"] is None and ppe["errors"] == []
-    assert ppe["hello_rps"]["median"] > 0 and ppe["cpu_rps"]["median"] > 0
-    assert "allcores-serve" in result["summary"]
+    served = result["summary"]["allcores-serve"]
+    assert served["skipped"] is None and served["errors"] == []
+    assert served["hello_rps"]["median"] > 0 and served["cpu_rps"]["median"] > 0
 
 
 def test_reload_part_counts_failed_requests_and_new_pids(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import threading
@@ -64,6 +65,17 @@ def test_sigterm_lets_requests_in_flight_finish(serve) -> None:  # type: ignore[
         thread.join(30)
     assert [status for status, _body in results] == [200] * 6
     assert server.wait_exit() == 0
+
+
+def test_ctrl_c_in_a_terminal_drains_and_exits_0(serve) -> None:  # type: ignore[no-untyped-def]
+    server = serve("plain_asgi:app", "--workers", "2")
+    pids = server.wait_ready(2)
+    # A terminal's Ctrl-C reaches the foreground process group: the primary's alone,
+    # since workers have their own; the primary drains them.
+    os.killpg(server.proc.pid, signal.SIGINT)
+    assert server.wait_exit() == 0
+    assert server.output.count("Application shutdown complete") == 2
+    assert not [pid for pid in pids if psutil.pid_exists(pid)]
 
 
 def _in_flight(server) -> int:  # type: ignore[no-untyped-def]
