@@ -13,6 +13,7 @@ DEFERRED = {
     "allcores.pool",
     "allcores.cluster",
     "allcores.shm",
+    "allcores.server",
     "allcores.cli",
     "allcores._system",
     "asyncio",

@@ -1,5 +1,6 @@
 """allcores: use every core from Python.
 
+- `allcores.serve`: `allcores serve` from Python: an ASGI or WSGI app on every core.
 - `allcores.cluster`: Node's cluster module: a primary forks workers that serve on
   one shared port, and supervises them.
 - `allcores.Pool` / `allcores.offload`: Node's worker_threads and Piscina: CPU-bound
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
         WorkerCrashedError,
         offload,
     )
+    from allcores.server import serve
     from allcores.shm import SharedArray
     from allcores.worker import Worker, WorkerProcessError
 
@@ -56,6 +58,7 @@ __all__ = [
     "available_cpus",
     "cluster",
     "offload",
+    "serve",
 ]
 __version__ = "0.1.0"
 
@@ -74,6 +77,7 @@ _LAZY = {
     "Worker": ("allcores.worker", "Worker"),
     "WorkerProcessError": ("allcores.worker", "WorkerProcessError"),
     "SharedArray": ("allcores.shm", "SharedArray"),
+    "serve": ("allcores.server", "serve"),
 }
 
 

@@ -43,13 +43,13 @@ def demo(example: str | None, port: int | None) -> None:
         _run_example(example, port)
         return
     from allcores import available_cpus
-    from allcores.serve.primary import run_primary
-    from allcores.serve.settings import ServeSettings
+    from allcores.server.primary import run_primary
+    from allcores.server.settings import ServeSettings
 
     port = 8000 if port is None else port
     # Half the cores serve HTTP, half compute /cpu (one pool process per worker).
     workers = max(1, available_cpus() // 2)
-    app = "allcores.serve.demo_app:app"
+    app = "allcores.server.demo_app:app"
     click.echo(f"allcores demo: allcores serve {app} --workers {workers} --port {port}")
     click.echo("Try, from another terminal:")
     click.echo(f"  curl localhost:{port}/         # answered by a worker (its pid)")
@@ -96,7 +96,7 @@ def _run_example(example: str, port: int | None) -> None:
 
 # `allcores serve`: each option defaults to None ("not given"), so that settings from
 # pyproject.toml and ALLCORES_* apply unless the command line names the option
-# (allcores.serve.settings has the order). Values are parsed there, not by click, so
+# (allcores.server.settings has the order). Values are parsed there, not by click, so
 # every source gets the same checks and the same error messages.
 _SERVE_OPTIONS: list[tuple[str, str]] = [
     ("--interface", "auto | asgi3 | asgi2 | wsgi (default auto: found from the app)."),
@@ -155,8 +155,8 @@ def serve(**options: Any) -> None:
     Options may also come from ALLCORES_<OPTION> variables or [tool.allcores] in
     pyproject.toml; see docs/serve.md.
     """
-    from allcores.serve.primary import run_primary
-    from allcores.serve.settings import ServeSettings, ServeSettingsError
+    from allcores.server.primary import run_primary
+    from allcores.server.settings import ServeSettings, ServeSettingsError
 
     try:
         settings = ServeSettings.load(options)
@@ -203,7 +203,7 @@ def status(port: int | None, control: str | None, as_json: bool) -> None:
         answer.pop("ok", None)
         click.echo(json.dumps(answer, indent=2))
         return
-    from allcores.serve.status_table import print_status
+    from allcores.server.status_table import print_status
 
     print_status(answer)
 

@@ -79,7 +79,7 @@ def test_demo_serves_the_demo_app_with_offload(processes: Processes) -> None:
     allcores = Path(sys.executable).with_name("allcores")
     proc, out = start(processes, [str(allcores), "demo", "--port", str(port)], port)
     wait_until(lambda: _answers(port))
-    assert out.matching(r"allcores demo: allcores serve allcores.serve.demo_app:app")
+    assert out.matching(r"allcores demo: allcores serve allcores.server.demo_app:app")
     assert http_get(port, "/").startswith("Hello from Worker ")
     assert f"Sum: {sum(range(30_000_000))}" in http_get(port, "/cpu", timeout=60)
     proc.send_signal(signal.SIGINT)

@@ -22,7 +22,7 @@ from allcores.control.client import MAX_LINE, ControlError
 
 __all__ = ["ControlServer", "Handler"]
 
-log = logging.getLogger("allcores.serve")
+log = logging.getLogger("allcores.server")
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 

@@ -27,7 +27,7 @@ from allcores.observe.scoreboard import Row
 
 __all__ = ["StallReporter"]
 
-log = logging.getLogger("allcores.serve")
+log = logging.getLogger("allcores.server")
 
 # A loop that blocks all the time must not flood the log: past this, stalls at new
 # sites wait for the next minute.

@@ -24,7 +24,7 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from allcores.serve.settings import ServeSettings
+from allcores.server.settings import ServeSettings
 
 __all__ = ["RepeatFilter", "sweep", "with_limits"]
 

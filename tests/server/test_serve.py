@@ -10,8 +10,8 @@ import threading
 import psutil
 
 from tests.conftest import wait_until
-from tests.serve.conftest import ALLCORES, APPS, get
-from tests.serve.load import Load
+from tests.server.conftest import ALLCORES, APPS, get
+from tests.server.load import Load
 
 
 def test_every_worker_serves_and_ran_the_lifespan_startup_itself(serve) -> None:  # type: ignore[no-untyped-def]

@@ -2,7 +2,7 @@
 
 ::
 
-    python -m allcores.serve.worker (or the user's program, run again)
+    python -m allcores.server.worker (or the user's program, run again)
       run(settings): load the app (app.py) ─► uvicorn.Config ─► uvloop
         1. lifespan startup (uvicorn's LifespanOn): it fails ─► exit 3, its message
            logged; the primary's crash-loop rule then ends the server non-zero
@@ -38,15 +38,15 @@ from uvicorn.server import ServerState
 from allcores import cluster
 from allcores._system import new_event_loop
 from allcores.observe.stall import StallReporter
-from allcores.serve.app import load_app
-from allcores.serve.handoff import with_hand_off
-from allcores.serve.limits import RepeatFilter, sweep, with_limits
-from allcores.serve.metering import metered
-from allcores.serve.settings import ServeSettings
+from allcores.server.app import load_app
+from allcores.server.handoff import with_hand_off
+from allcores.server.limits import RepeatFilter, sweep, with_limits
+from allcores.server.metering import metered
+from allcores.server.settings import ServeSettings
 
 __all__ = ["LIFESPAN_FAILED", "logging_config", "run"]
 
-log = logging.getLogger("allcores.serve")
+log = logging.getLogger("allcores.server")
 
 # uvicorn's own exit code for a failed startup.
 LIFESPAN_FAILED = 3
@@ -95,7 +95,7 @@ def run(settings: ServeSettings) -> int:
     app, interface = load_app(settings)
     settings.interface = interface
     runtime = cluster.worker
-    assert runtime is not None, "allcores.serve.engine runs in a cluster worker"
+    assert runtime is not None, "allcores.server.engine runs in a cluster worker"
     config = uvicorn_config(settings, metered(app, runtime.row))
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         return runner.run(_serve(settings, config))
@@ -103,7 +103,7 @@ def run(settings: ServeSettings) -> int:
 
 async def _serve(settings: ServeSettings, config: uvicorn.Config) -> int:
     runtime = cluster.worker
-    assert runtime is not None, "allcores.serve.engine runs in a cluster worker"
+    assert runtime is not None, "allcores.server.engine runs in a cluster worker"
     lifespan = config.lifespan_class(config)
     await lifespan.startup()
     if lifespan.should_exit:

@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 from tests.conftest import wait_until
-from tests.serve.conftest import ALLCORES, APPS
+from tests.server.conftest import ALLCORES, APPS
 
 
 def allcores(*args: str) -> subprocess.CompletedProcess[str]:

@@ -12,8 +12,8 @@ from pathlib import Path
 import psutil
 
 from tests.conftest import wait_until
-from tests.serve.conftest import ALLCORES
-from tests.serve.load import Load
+from tests.server.conftest import ALLCORES
+from tests.server.load import Load
 
 
 def test_a_killed_worker_fails_only_its_own_connections_and_is_replaced(  # type: ignore[no-untyped-def]

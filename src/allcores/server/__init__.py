@@ -18,7 +18,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from allcores.serve.settings import ServeSettings, ServeSettingsError
+from allcores.server.settings import ServeSettings, ServeSettingsError
 
 __all__ = ["ServeSettings", "ServeSettingsError", "serve"]
 
@@ -33,12 +33,12 @@ def serve(app: Any, **options: Any) -> int:
     from allcores import cluster
 
     if cluster.is_worker:
-        from allcores.serve import worker
+        from allcores.server import worker
 
         if worker.serving:
             return 0  # the app's module, imported by this worker, asks again
         sys.exit(worker.main(None if isinstance(app, str) else app))
-    from allcores.serve.primary import run_primary
+    from allcores.server.primary import run_primary
 
     settings = ServeSettings.load({**options, "app": app})
     return run_primary(settings, rerun_program=not isinstance(app, str))

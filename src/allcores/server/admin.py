@@ -26,7 +26,7 @@ import h11
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from allcores.cluster.primary import Primary
-from allcores.serve.metrics import registry_for
+from allcores.server.metrics import registry_for
 
 __all__ = ["AdminServer", "parse_address"]
 

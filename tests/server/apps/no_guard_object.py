@@ -3,7 +3,7 @@ workers run the script again, up to the serve() call, and serve there."""
 
 import os
 
-import allcores.serve
+import allcores
 
 print(f"script body runs in {os.getpid()}", flush=True)
 
@@ -15,4 +15,4 @@ async def app(scope, receive, send):  # type: ignore[no-untyped-def]
     await send({"type": "http.response.body", "body": str(os.getpid()).encode()})
 
 
-allcores.serve.serve(app, port=int(os.environ["APP_PORT"]), workers=2)
+allcores.serve(app, port=int(os.environ["APP_PORT"]), workers=2)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from allcores.errors import AllcoresError
-from allcores.serve.settings import ServeSettings
+from allcores.server.settings import ServeSettings
 
 __all__ = ["AppLoadError", "check_findable", "detect_interface", "load_app"]
 

@@ -6,7 +6,7 @@ import json
 import re
 
 from tests.conftest import free_port, wait_until
-from tests.serve.conftest import get
+from tests.server.conftest import get
 
 
 def test_the_admin_endpoint_serves_metrics_status_and_probes(serve) -> None:  # type: ignore[no-untyped-def]

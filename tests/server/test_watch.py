@@ -10,8 +10,8 @@ import threading
 import time
 
 from tests.conftest import wait_until
-from tests.serve.conftest import get
-from tests.serve.load import Load
+from tests.server.conftest import get
+from tests.server.load import Load
 
 
 def _block_in_background(port: int, seconds: float) -> threading.Thread:

@@ -5,7 +5,7 @@
     allcores serve main:app  /  allcores.serve(app)
       ServeSettings (settings.py) ─► check the app's module is there (app.py)
       cluster primary: policy, respawn on, watchdog and recycling limits, and each
-        worker told what to run: `python -m allcores.serve.worker` with the
+        worker told what to run: `python -m allcores.server.worker` with the
         settings as JSON (an app given as an object: this program run again)
       on the primary's loop: the control socket (allcores.control), the admin
       endpoint if asked for (admin.py), then N workers
@@ -31,17 +31,17 @@ from allcores.cluster.primary import Primary
 from allcores.cluster.settings import ClusterSettings
 from allcores.control.client import ControlError, default_path
 from allcores.control.server import ControlServer
-from allcores.serve.admin import AdminServer, parse_address
-from allcores.serve.app import AppLoadError, check_findable
-from allcores.serve.engine import logging_config
-from allcores.serve.settings import ServeSettings
-from allcores.serve.status import StatusBuilder
-from allcores.serve.titles import set_title
-from allcores.serve.worker import SETTINGS_ENV
+from allcores.server.admin import AdminServer, parse_address
+from allcores.server.app import AppLoadError, check_findable
+from allcores.server.engine import logging_config
+from allcores.server.settings import ServeSettings
+from allcores.server.status import StatusBuilder
+from allcores.server.titles import set_title
+from allcores.server.worker import SETTINGS_ENV
 
 __all__ = ["run_primary"]
 
-log = logging.getLogger("allcores.serve")
+log = logging.getLogger("allcores.server")
 
 
 def run_primary(settings: ServeSettings, *, rerun_program: bool = False) -> int:
@@ -56,7 +56,7 @@ def run_primary(settings: ServeSettings, *, rerun_program: bool = False) -> int:
     set_title(f"primary {settings.app_name}")
     cluster_settings = ClusterSettings(
         exec=None if rerun_program else sys.executable,
-        args=None if rerun_program else ["-m", "allcores.serve.worker"],
+        args=None if rerun_program else ["-m", "allcores.server.worker"],
         scheduling_policy=settings.policy,  # type: ignore[arg-type]
         respawn=True,
         # A worker that dies is replaced at once (a new pid within ~30 ms); the delay

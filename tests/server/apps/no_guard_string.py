@@ -3,7 +3,7 @@ imports this module, and its serve() call must then do nothing."""
 
 import os
 
-import allcores.serve
+import allcores
 
 
 async def app(scope, receive, send):  # type: ignore[no-untyped-def]
@@ -13,4 +13,4 @@ async def app(scope, receive, send):  # type: ignore[no-untyped-def]
     await send({"type": "http.response.body", "body": str(os.getpid()).encode()})
 
 
-allcores.serve.serve("no_guard_string:app", port=int(os.environ["APP_PORT"]), workers=2)
+allcores.serve("no_guard_string:app", port=int(os.environ["APP_PORT"]), workers=2)

@@ -1,9 +1,9 @@
-"""The program an HTTP worker of `allcores serve` runs: ``python -m allcores.serve.worker``.
+"""The program an HTTP worker of `allcores serve` runs: ``python -m allcores.server.worker``.
 
 The primary hands it the resolved settings as JSON in ``ALLCORES_SERVE_SETTINGS``;
 nothing is parsed again here, so every worker serves exactly what the primary
 validated. An app given to `allcores.serve()` as an object is served by the
-user's program run again instead (`allcores.serve.serve`).
+user's program run again instead (`allcores.server.serve`).
 """
 
 from __future__ import annotations
@@ -21,17 +21,17 @@ serving = False
 
 def main(app: Any = None) -> int:
     from allcores import cluster
-    from allcores.serve.app import AppLoadError
-    from allcores.serve.engine import run
-    from allcores.serve.settings import ServeSettings
-    from allcores.serve.titles import set_title
+    from allcores.server.app import AppLoadError
+    from allcores.server.engine import run
+    from allcores.server.settings import ServeSettings
+    from allcores.server.titles import set_title
 
     global serving
     serving = True
     text = os.environ.pop(SETTINGS_ENV, None)
     if cluster.worker is None or text is None:
         print(
-            "allcores.serve.worker is started by `allcores serve`, not by hand",
+            "allcores.server.worker is started by `allcores serve`, not by hand",
             file=sys.stderr,
         )
         return 2
@@ -46,7 +46,7 @@ def main(app: Any = None) -> int:
 
 if __name__ == "__main__":
     # Run as `-m`, this file is `__main__`; the app's module reaches this one as
-    # `allcores.serve.worker`. One module must hold `serving` for both.
-    from allcores.serve import worker
+    # `allcores.server.worker`. One module must hold `serving` for both.
+    from allcores.server import worker
 
     sys.exit(worker.main())

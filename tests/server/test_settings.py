@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from allcores.serve.app import detect_interface
-from allcores.serve.settings import ServeSettings, ServeSettingsError
+from allcores.server.app import detect_interface
+from allcores.server.settings import ServeSettings, ServeSettingsError
 
 
 def write_pyproject(folder: Path, table: str) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from websockets.sync.client import connect
 
-from tests.serve.conftest import get
+from tests.server.conftest import get
 
 
 def test_fastapi_with_its_lifespan_and_a_websocket(serve) -> None:  # type: ignore[no-untyped-def]

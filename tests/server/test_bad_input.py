@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import socket
 
-from tests.serve.conftest import get
+from tests.server.conftest import get
 
 
 def raw(port: int, data: bytes, timeout: float = 10.0) -> bytes:
