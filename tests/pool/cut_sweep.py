@@ -1,8 +1,10 @@
 """Ctrl-C at each point of a direct round trip in turn (a subprocess).
 
 Run by ``test_pool_direct.py`` as ``python -m tests.pool.cut_sweep WORKERS MAX_TASKS
-[first]``; with ``first``, each cut falls in the first round trip of a new pool, which
-starts the pool's loop and goes to a worker still starting (`Pool._send_early`).
+[first [STRIDE START]]``; with ``first``, each cut falls in the first round trip of a
+new pool, which starts the pool's loop and goes to a worker still starting
+(`Pool._send_early`). STRIDE and START walk every STRIDE-th point from START: a new
+pool per point is the slow part of the suite, so two runs share the points.
 Where `interrupt_fuzz` fires at random moments, this walks the moments: for k = 1,
 2, ... it raises a BaseException (as Ctrl-C raises KeyboardInterrupt) at the k-th
 point of ``pool.submit(fn).result()`` where CPython runs signal handlers (a function
@@ -114,7 +116,7 @@ def _shuts_down(pool: Pool) -> bool:
     return not closer.is_alive()
 
 
-def main(workers: int, max_tasks: int, first: bool) -> int:
+def main(workers: int, max_tasks: int, first: bool, stride: int = 1, start: int = 1) -> int:
     gc.callbacks.append(_gc_phase)
     settings: dict[str, Any] = {"max_tasks_per_child": max_tasks} if max_tasks else {}
     pool = Pool(workers, **settings)
@@ -123,7 +125,7 @@ def main(workers: int, max_tasks: int, first: bool) -> int:
     lost = 0
     cuts = 0
     misses = 0
-    for k in range(1, 1500):
+    for k in range(start, 1500, stride):
         if first:
             if not _shuts_down(pool):
                 print(f"FAILED: shutdown hung after a cut at point {k - 1}")
@@ -176,4 +178,6 @@ def main(workers: int, max_tasks: int, first: bool) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:] == ["first"]))
+    first = len(sys.argv) > 3 and sys.argv[3] == "first"
+    stride, start = (int(sys.argv[4]), int(sys.argv[5])) if len(sys.argv) > 5 else (1, 1)
+    sys.exit(main(int(sys.argv[1]), int(sys.argv[2]), first, stride, start))

@@ -44,8 +44,8 @@ def test_starlette_http_and_websocket(serve) -> None:  # type: ignore[no-untyped
 
 
 def test_flask_quick_start_through_wsgi(serve) -> None:  # type: ignore[no-untyped-def]
-    server = serve("flask_app:app", "--workers", "2")
-    server.wait_ready(2)
+    server = serve("flask_app:app", "--workers", "1")
+    server.wait_ready(1)
     assert get(server.port)[1].endswith("<p>Hello, World!</p>")
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
     conn.request(
@@ -63,7 +63,7 @@ def test_a_django_startproject_through_asgi_and_wsgi(serve, tmp_path: Path) -> N
         timeout=60,
     )
     for entry in ("mysite.asgi:application", "mysite.wsgi:application"):
-        server = serve(entry, "--workers", "2", cwd=tmp_path)
+        server = serve(entry, "--workers", "1", cwd=tmp_path)
         # The project as generated: DEBUG on, so / shows Django's welcome page.
         status, body = _get_when_up(server)
         assert status == 200 and "The install worked successfully!" in body

@@ -145,8 +145,8 @@ def test_bad_options_are_refused_naming_the_option_and_what_is_valid() -> None:
 
 
 def test_a_wsgi_app_is_found_and_served(serve) -> None:  # type: ignore[no-untyped-def]
-    server = serve("plain_wsgi:app", "--workers", "2")
-    server.wait_ready(2)
+    server = serve("plain_wsgi:app", "--workers", "1")
+    server.wait_ready(1)
     status, body = get(server.port, "/hello")
     assert status == 200 and body.split()[1:] == ["wsgi", "/hello"]
 
