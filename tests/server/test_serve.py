@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import http.client
 import os
 import signal
+import ssl
 import subprocess
 import threading
+from pathlib import Path
 
 import psutil
+import pytest
+import trustme
 
 from tests.conftest import wait_until
 from tests.server.conftest import ALLCORES, APPS, get
@@ -168,3 +173,41 @@ def test_a_script_with_no_main_guard_naming_its_app_as_a_string(serve) -> None: 
     assert server.wait_exit() == 0
     # Each worker imported the module, whose serve() call then did nothing.
     assert "failed while booting" not in server.output
+
+
+def test_https_with_a_certificate_and_key(serve, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    authority = trustme.CA()
+    certificate = authority.issue_cert("127.0.0.1")
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    certificate.cert_chain_pems[0].write_to_path(str(cert_file))
+    certificate.private_key_pem.write_to_path(str(key_file))
+    server = serve(
+        "plain_asgi:app",
+        "--workers",
+        "1",
+        "--ssl-certfile",
+        str(cert_file),
+        "--ssl-keyfile",
+        str(key_file),
+    )
+    context = ssl.create_default_context()
+    authority.configure_trust(context)
+
+    def https_get() -> tuple[int, str] | None:
+        conn = http.client.HTTPSConnection("127.0.0.1", server.port, context=context, timeout=5)
+        try:
+            conn.request("GET", "/")
+            response = conn.getresponse()
+            return response.status, response.read().decode()
+        except OSError:
+            return None
+        finally:
+            conn.close()
+
+    status, body = wait_until(https_get)
+    assert status == 200 and int(body.split()[0]) > 0
+    assert "on https://127.0.0.1:" in server.output
+    # Plain HTTP on the TLS port is refused, and the server goes on.
+    with pytest.raises((OSError, http.client.HTTPException)):
+        get(server.port, timeout=5)
+    assert wait_until(https_get)[0] == 200

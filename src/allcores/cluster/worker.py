@@ -454,7 +454,8 @@ class WorkerRuntime(EventEmitter):
     def hand_off(self, protocol: asyncio.BaseProtocol, transport: asyncio.Transport) -> bool:
         """While draining, give an idle connection to the primary, which passes it to
         another worker; the client sees no close. False when it cannot (the cluster is
-        stopping, or the connection is not ours): close it instead.
+        stopping, the connection is not ours, or it is TLS, whose session state
+        cannot move with the socket): close it instead.
 
         Call it only between requests, with nothing read and not yet handled: what
         the client sends next is still in the socket, and goes with it.
@@ -464,6 +465,8 @@ class WorkerRuntime(EventEmitter):
         channel = self._channel
         if not self.handing_off or key is None or sock is None:
             return False
+        if transport.get_extra_info("ssl_object") is not None:
+            return False  # TLS state lives in this process: the socket alone is no use
         if channel is None or channel.closed or transport.is_closing():
             return False
         fd = os.dup(sock.fileno())

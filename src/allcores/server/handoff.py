@@ -13,10 +13,11 @@ reload of uvicorn or gunicorn costs under load. Here, instead::
       ├─ a request in flight ─► answered; at on_response_complete, idle: hand on
       └─ a WebSocket ─► uvicorn's WebSocket shutdown (close code 1012)
 
-When the cluster stops rather than goes on, `hand_off` says no, and uvicorn's own
-shutdown runs: idle connections close, the request in flight gets
-``Connection: close``. Only the httptools protocol knows where one request ends and
-the next begins in the way this needs; with ``--http h11`` uvicorn's shutdown runs.
+When the cluster stops rather than goes on, or the connection is TLS (its session
+cannot move with the socket), uvicorn's own shutdown runs: idle connections close,
+the request in flight gets ``Connection: close``. Only the httptools protocol knows
+where one request ends and the next begins in the way this needs; with ``--http h11``
+uvicorn's shutdown runs.
 """
 
 from __future__ import annotations
@@ -70,8 +71,9 @@ def with_hand_off(protocol_class: type[Any], runtime: WorkerRuntime) -> type[Any
                     shutdown()
                 return
             self._draining = True
-            if not runtime.handing_off:
-                super().shutdown()
+            tls = self.transport.get_extra_info("ssl_object") is not None
+            if not runtime.handing_off or tls:
+                super().shutdown()  # a TLS session cannot move with its socket
                 return
             self._hand_off_when_idle()
 
