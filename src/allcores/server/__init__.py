@@ -8,9 +8,10 @@
                                                # program again, up to this call
 
 Parts: `settings` (every option and its sources), `app` (find the app, speak
-ASGI 3 to it), `primary` (the supervising process), `engine` + `handoff` (an HTTP
-worker on uvicorn's protocol), `worker` (the worker's program). docs/serve.md
-has every option; docs/architecture.md shows where this sits.
+ASGI 3 to it), `primary` (the supervising process), `engine` + `protocol` (an HTTP
+worker on uvicorn's protocol, with limits, metering and hand-off), `worker` (the
+worker's program). docs/serve.md has every option; docs/architecture.md shows where
+this sits.
 """
 
 from __future__ import annotations

@@ -6,10 +6,10 @@
       run(settings): load the app (app.py) ─► uvicorn.Config ─► uvloop
         1. lifespan startup (uvicorn's LifespanOn): it fails ─► exit 3, its message
            logged; the primary's crash-loop rule then ends the server non-zero
-        2. cluster.start_server(HandOffProtocol): the primary now routes
+        2. cluster.start_server(ServingProtocol, protocol.py): the primary now routes
            connections here (balanced / rr), or this loop accepts (shared /
            reuseport); listening means ready, which a reload waits for
-        3. serve until the primary says DISCONNECT (or SIGTERM): drain (handoff.py);
+        3. serve until the primary says DISCONNECT (or SIGTERM): drain (protocol.py);
            meanwhile a thread logs the stack of any stall past warn_blocking
            (allcores.observe.stall), and the primary's watchdog kills a loop
            stuck past timeout_hung (allcores.cluster.health)
@@ -39,9 +39,9 @@ from allcores import cluster
 from allcores._system import new_event_loop
 from allcores.observe.stall import StallReporter
 from allcores.server.app import load_app
-from allcores.server.handoff import with_hand_off
-from allcores.server.limits import RepeatFilter, sweep, with_limits
-from allcores.server.metering import metered
+from allcores.server.limits import RepeatFilter, sweep
+from allcores.server.metering import Meter, metered
+from allcores.server.protocol import serving_protocol
 from allcores.server.settings import ServeSettings
 
 __all__ = ["LIFESPAN_FAILED", "logging_config", "run"]
@@ -96,7 +96,7 @@ def run(settings: ServeSettings) -> int:
     settings.interface = interface
     runtime = cluster.worker
     assert runtime is not None, "allcores.server.engine runs in a cluster worker"
-    config = uvicorn_config(settings, metered(app, runtime.row))
+    config = uvicorn_config(settings, app)
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         return runner.run(_serve(settings, config))
 
@@ -109,7 +109,11 @@ async def _serve(settings: ServeSettings, config: uvicorn.Config) -> int:
     if lifespan.should_exit:
         return LIFESPAN_FAILED
     state = ServerState()
-    protocol_class = with_hand_off(with_limits(config.http_protocol_class, settings), runtime)
+    meter = Meter(runtime.row)
+    protocol_class: Any = serving_protocol(config.http_protocol_class, settings, runtime, meter)
+    if protocol_class is None:  # h11: uvicorn's protocol as it is, metered around the app
+        protocol_class = config.http_protocol_class
+        config.loaded_app = metered(config.loaded_app, meter)
 
     def protocol() -> asyncio.Protocol:
         made: asyncio.Protocol = protocol_class(
@@ -119,7 +123,7 @@ async def _serve(settings: ServeSettings, config: uvicorn.Config) -> int:
 
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, runtime.disconnect)
-    ticker = loop.create_task(_tick(config, state, settings.timeout_header))
+    ticker = loop.create_task(_tick(config, state, meter, settings.timeout_header))
     stalls = None
     if settings.warn_blocking:
         stalls = StallReporter(runtime.row, settings.warn_blocking, f"worker {runtime.id}")
@@ -142,6 +146,7 @@ async def _serve(settings: ServeSettings, config: uvicorn.Config) -> int:
         ticker.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await ticker
+    meter.flush()
     # Requests still running when the drain's time ran out were aborted with their
     # connections; their tasks end at their next await.
     for task in list(state.tasks):
@@ -150,12 +155,19 @@ async def _serve(settings: ServeSettings, config: uvicorn.Config) -> int:
     return 0
 
 
-async def _tick(config: uvicorn.Config, state: ServerState, timeout_header: float) -> None:
-    """Once a second: the Date header, as uvicorn's server does, and the requests
-    whose head is late (limits.py)."""
+async def _tick(
+    config: uvicorn.Config, state: ServerState, meter: Meter, timeout_header: float
+) -> None:
+    """Every tenth of a second: the request counts into the scoreboard row; every
+    second: the Date header, as uvicorn's server does, and the requests whose head is
+    late (limits.py)."""
+    ticks = 0
     while True:
-        date = [(b"date", formatdate(time.time(), usegmt=True).encode())]
-        state.default_headers = (date if config.date_header else []) + config.encoded_headers
-        if timeout_header:
-            sweep(state.connections, timeout_header)
-        await asyncio.sleep(min(1.0, timeout_header / 2) if timeout_header else 1.0)
+        meter.flush()
+        if ticks % 10 == 0:
+            date = [(b"date", formatdate(time.time(), usegmt=True).encode())]
+            state.default_headers = (date if config.date_header else []) + config.encoded_headers
+            if timeout_header:
+                sweep(state.connections, timeout_header)
+        ticks += 1
+        await asyncio.sleep(0.1)

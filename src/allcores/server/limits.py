@@ -1,18 +1,11 @@
-"""Limits on what a client may send before its request is handled: the defence
-against slowloris and oversized heads that uvicorn's httptools protocol lacks.
+"""The defences against slow and bad clients that uvicorn lacks, beside the checks
+in the protocol (`allcores.server.protocol`: 414, 431, the head clock).
 
-::
-
-    connection made / first byte of a request ─► head clock starts (`_head_since`)
-    on_url, on_header ─► over --limit-request-line: 414; a field over
-                         --limit-request-field-size or more than
-                         --limit-request-fields fields: 431 (then close)
-    on_headers_complete ─► head clock stops
-    every second, `sweep`: a head not complete after --timeout-header ─► 408, close
-
-A sweep rather than a timer per request: one clock read per request instead of a
-timer set and cancelled, and a loop over the open connections once a second.
-`quiet_repeats` keeps a flood of bad requests from flooding the log.
+- `sweep`, once a second: a connection whose request head has taken longer than
+  --timeout-header (slowloris) gets 408 and is closed. A sweep rather than a timer
+  per request: one clock read per request instead of a timer set and cancelled.
+- `answer_and_close`: the short answer to a refused request.
+- `RepeatFilter`: a flood of bad requests logs a line per 10 s, not one each.
 """
 
 from __future__ import annotations
@@ -22,74 +15,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-
-from allcores.server.settings import ServeSettings
-
-__all__ = ["RepeatFilter", "sweep", "with_limits"]
-
-
-class _TooLarge(Exception):
-    pass
-
-
-def with_limits(protocol_class: type[Any], settings: ServeSettings) -> type[Any]:
-    """*protocol_class* itself, or (httptools) a subclass that enforces the limits."""
-    if not issubclass(protocol_class, HttpToolsProtocol):
-        return protocol_class
-    max_line = settings.limit_request_line
-    max_field = settings.limit_request_field_size
-    max_fields = settings.limit_request_fields
-
-    class LimitedProtocol(protocol_class):  # type: ignore[misc, valid-type]
-        _head_since: float | None = None
-        _refusal: tuple[int, str] | None = None
-
-        def connection_made(self, transport: Any) -> None:
-            self._head_since = time.monotonic()
-            super().connection_made(transport)
-
-        def on_message_begin(self) -> None:
-            if self._head_since is None:
-                self._head_since = time.monotonic()
-            self._url_size = 0
-            super().on_message_begin()
-
-        def on_url(self, url: bytes) -> None:
-            self._url_size += len(url)
-            if self._url_size > max_line:
-                self._refuse(414, f"request line over {max_line} bytes")
-            super().on_url(url)
-
-        def on_header(self, name: bytes, value: bytes) -> None:
-            if len(name) + len(value) > max_field:
-                self._refuse(431, f"a header field over {max_field} bytes")
-            if len(self.headers) >= max_fields:
-                self._refuse(431, f"more than {max_fields} header fields")
-            super().on_header(name, value)
-
-        def on_headers_complete(self) -> None:
-            self._head_since = None
-            super().on_headers_complete()
-
-        def _refuse(self, status: int, why: str) -> None:
-            self._refusal = (status, why)
-            raise _TooLarge(why)  # httptools stops; uvicorn answers (send_400_response)
-
-        def send_400_response(self, msg: str) -> None:
-            if self._refusal is None:
-                super().send_400_response(msg)
-                return
-            status, why = self._refusal
-            _answer_and_close(self, status, why)
-
-        def head_timed_out(self, timeout: float) -> None:
-            self._head_since = None
-            if self.cycle is not None and not self.cycle.response_complete:
-                return  # a request is being answered: not a head that is late
-            _answer_and_close(self, 408, f"request head not complete within {timeout:g} s")
-
-    return LimitedProtocol
+__all__ = ["RepeatFilter", "answer_and_close", "sweep"]
 
 
 def sweep(connections: Iterable[Any], timeout: float) -> None:
@@ -104,7 +30,7 @@ def sweep(connections: Iterable[Any], timeout: float) -> None:
 _REASONS = {408: "Request Timeout", 414: "URI Too Long", 431: "Request Header Fields Too Large"}
 
 
-def _answer_and_close(protocol: Any, status: int, why: str) -> None:
+def answer_and_close(protocol: Any, status: int, why: str) -> None:
     transport = protocol.transport
     if transport.is_closing():
         return
