@@ -102,6 +102,7 @@ _SERVE_OPTIONS: list[tuple[str, str]] = [
     ("--interface", "auto | asgi3 | asgi2 | wsgi (default auto: found from the app)."),
     ("--host", "Address to bind (default 127.0.0.1)."),
     ("--port", "Port to bind (default 8000)."),
+    ("--uds", "Serve on this UNIX socket instead of --host/--port (a proxy in front)."),
     ("--workers", "HTTP worker processes: N or auto, one per usable CPU (default auto)."),
     ("--policy", "How connections reach workers: balanced | rr | shared | reuseport."),
     ("--app-dir", "Folder to import the app from, put first on sys.path (default .)."),
@@ -166,7 +167,13 @@ def serve(**options: Any) -> None:
 
 
 def _where(command: Any) -> Any:
-    """--port / --control: which running server a command talks to."""
+    """--port / --uds / --control: which running server a command talks to."""
+    command = click.option(
+        "--uds",
+        default=None,
+        type=click.Path(dir_okay=False),
+        help="The UNIX socket the server listens on, if it was started with --uds.",
+    )(command)
     command = click.option(
         "--control",
         default=None,
@@ -181,12 +188,18 @@ def _where(command: Any) -> Any:
     )(command)
 
 
-def _ask(port: int | None, control: str | None, command: dict[str, Any]) -> dict[str, Any]:
+def _ask(
+    port: int | None, uds: str | None, control: str | None, command: dict[str, Any]
+) -> dict[str, Any]:
     from allcores.control.client import ControlError, default_path, request
 
-    if control is None:
+    if control is not None:
+        path = Path(control)
+    elif uds is not None:
+        path = default_path("unix:" + os.path.abspath(uds))
+    else:
         port = port if port is not None else int(os.environ.get("ALLCORES_PORT", "8000"))
-    path = Path(control) if control is not None else default_path(port or 0)
+        path = default_path(port)
     try:
         return request(path, command)
     except ControlError as exc:
@@ -196,9 +209,9 @@ def _ask(port: int | None, control: str | None, command: dict[str, Any]) -> dict
 @main.command()
 @_where
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
-def status(port: int | None, control: str | None, as_json: bool) -> None:
+def status(port: int | None, uds: str | None, control: str | None, as_json: bool) -> None:
     """Show a running server's workers: pid, state, uptime, requests, load, memory."""
-    answer = _ask(port, control, {"cmd": "status"})
+    answer = _ask(port, uds, control, {"cmd": "status"})
     if as_json:
         answer.pop("ok", None)
         click.echo(json.dumps(answer, indent=2))
@@ -210,24 +223,24 @@ def status(port: int | None, control: str | None, as_json: bool) -> None:
 
 @main.command()
 @_where
-def reload(port: int | None, control: str | None) -> None:
+def reload(port: int | None, uds: str | None, control: str | None) -> None:
     """Replace every worker of a running server, one at a time (as SIGHUP does)."""
-    answer = _ask(port, control, {"cmd": "reload"})
+    answer = _ask(port, uds, control, {"cmd": "reload"})
     click.echo(f"reloading {answer['reloading']} worker(s), one at a time")
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
 @_where
 @click.argument("workers")
-def scale(port: int | None, control: str | None, workers: str) -> None:
+def scale(port: int | None, uds: str | None, control: str | None, workers: str) -> None:
     """Run WORKERS workers (N, +N or -N) in a running server."""
-    answer = _ask(port, control, {"cmd": "scale", "workers": workers})
+    answer = _ask(port, uds, control, {"cmd": "scale", "workers": workers})
     click.echo(f"scaling from {answer['was']} to {answer['workers']} worker(s)")
 
 
 @main.command()
 @_where
-def stop(port: int | None, control: str | None) -> None:
+def stop(port: int | None, uds: str | None, control: str | None) -> None:
     """Stop a running server gracefully (as SIGTERM does)."""
-    _ask(port, control, {"cmd": "stop"})
+    _ask(port, uds, control, {"cmd": "stop"})
     click.echo("stopping: workers finish their requests, then exit")

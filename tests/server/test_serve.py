@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import signal
+import socket
 import ssl
 import subprocess
 import threading
@@ -211,3 +213,45 @@ def test_https_with_a_certificate_and_key(serve, tmp_path: Path) -> None:  # typ
     with pytest.raises((OSError, http.client.HTTPException)):
         get(server.port, timeout=5)
     assert wait_until(https_get)[0] == 200
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str) -> None:
+        super().__init__("localhost", timeout=10)
+        self._path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
+        self.sock.connect(self._path)
+
+
+def test_a_unix_socket_serves_reloads_and_is_removed_at_the_end(serve, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "app.sock"
+    server = serve("plain_asgi:app", "--workers", "2", "--uds", str(path))
+
+    def pid_over_unix() -> int | None:
+        conn = _UnixHTTPConnection(str(path))
+        try:
+            conn.request("GET", "/")
+            return int(conn.getresponse().read().split()[0])
+        except OSError:
+            return None
+        finally:
+            conn.close()
+
+    first = wait_until(pid_over_unix)
+    assert f"on unix:{path}" in server.output
+    status = subprocess.run(
+        [ALLCORES, "status", "--json", "--uds", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert status.returncode == 0 and len(json.loads(status.stdout)["workers"]) == 2
+    server.proc.send_signal(signal.SIGHUP)
+    server.wait_for_output("reload 1 done")
+    assert wait_until(lambda: (pid := pid_over_unix()) and pid != first)
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.wait_exit() == 0
+    assert not path.exists()

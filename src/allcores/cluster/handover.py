@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -35,7 +36,14 @@ from typing import Any
 from allcores.cluster import messages
 from allcores.cluster.balance import least_busy_worker, round_robin
 from allcores.cluster.handle import Worker
-from allcores.cluster.listeners import DEFAULT_BACKLOG, Address, bind_listener
+from allcores.cluster.listeners import (
+    DEFAULT_BACKLOG,
+    UNIX_PREFIX,
+    Address,
+    BindError,
+    bind_listener,
+    bind_unix,
+)
 from allcores.cluster.settings import ClusterSettings
 from allcores.ipc.frames import read_unread
 
@@ -77,6 +85,9 @@ class _Listener:
         for conn in self.pending:
             conn.close()
         self.pending.clear()
+        if self.sock.family == socket.AF_UNIX and self.sock.fileno() != -1:
+            with contextlib.suppress(OSError):
+                os.unlink(self.sock.getsockname())
         self.sock.close()
         for sock in self.per_row.values():
             sock.close()
@@ -148,6 +159,14 @@ class Handover:
 
     def _listener(self, host: str, port: int, backlog: int) -> _Listener:
         listener = self._listeners.get((host, port))
+        if listener is None and host.startswith(UNIX_PREFIX):
+            if self._settings.scheduling_policy == "reuseport":
+                raise BindError(
+                    errno.EINVAL, "policy 'reuseport' needs TCP; a UNIX socket takes the others"
+                )
+            sock = bind_unix(host.removeprefix(UNIX_PREFIX), backlog=backlog)
+            listener = _Listener((host, port), self._settings.scheduling_policy, sock)
+            self._listeners[(host, port)] = listener
         if listener is None:
             policy = self._settings.scheduling_policy
             reuseport = policy == "reuseport"

@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import os
 import socket
 
 from allcores.errors import AllcoresError
 
-__all__ = ["Address", "BindError", "bind_listener", "who_holds_port"]
+__all__ = ["UNIX_PREFIX", "Address", "BindError", "bind_listener", "bind_unix", "who_holds_port"]
+
+# A worker asks for a UNIX socket by giving "unix:/path" as the host (and port 0).
+UNIX_PREFIX = "unix:"
 
 # 2048: the kernel caps it at net.core.somaxconn (4096 on current Linux); a deep queue
 # absorbs a burst while workers are busy or being replaced, which is what the primary
@@ -35,10 +39,12 @@ class Address:
 
     address: str
     port: int
-    address_type: int  # 4 or 6, as in Node
+    address_type: int  # 4 or 6, as in Node; -1 for a UNIX socket (its path in address)
 
     @classmethod
     def of(cls, sock: socket.socket) -> Address:
+        if sock.family == socket.AF_UNIX:
+            return cls(UNIX_PREFIX + sock.getsockname(), 0, -1)
         host, port = sock.getsockname()[:2]
         return cls(host, port, 6 if sock.family == socket.AF_INET6 else 4)
 
@@ -105,4 +111,32 @@ def bind_listener(
                 "stop that process or choose another port",
             ) from exc
         raise BindError(exc.errno, f"cannot listen on {where}: {exc.strerror}") from exc
+    return sock
+
+
+def bind_unix(path: str, *, backlog: int = DEFAULT_BACKLOG) -> socket.socket:
+    """A non-blocking UNIX socket listening at *path*, readable and writable by every
+    user (as uvicorn's ``--uds``: the proxy in front often runs as another user). A
+    file left there by a server that was killed is replaced; one in use is an error."""
+    if os.path.exists(path):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(path)
+            except OSError:
+                os.unlink(path)  # nobody answers: left by a server that died
+            else:
+                raise BindError(
+                    errno.EADDRINUSE,
+                    f"cannot listen on unix:{path}: another server answers there; "
+                    "stop it or choose another path",
+                )
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, 0o666)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise BindError(exc.errno, f"cannot listen on unix:{path}: {exc.strerror}") from exc
     return sock

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -21,18 +22,21 @@ class ControlError(AllcoresError):
     """No server answered on the control socket, or it refused the command."""
 
 
-def default_path(port: int) -> Path:
+def default_path(port: int | str) -> Path:
     """Where the server on *port* listens for commands: per user (the folder is the
     user's alone) and per port, so two servers never meet.
 
     ``$XDG_RUNTIME_DIR/allcores/<port>.sock`` where systemd provides that folder,
-    else ``<tmp>/allcores-<uid>/<port>.sock``.
+    else ``<tmp>/allcores-<uid>/<port>.sock``. A server on a UNIX socket (*port* is
+    its ``unix:/path``) gets ``uds-<12 hex digits of its path's SHA-1>.sock``.
     """
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime and Path(runtime).is_dir():
         folder = Path(runtime) / "allcores"
     else:
         folder = Path(tempfile.gettempdir()) / f"allcores-{os.getuid()}"
+    if isinstance(port, str):
+        return folder / f"uds-{hashlib.sha1(port.encode()).hexdigest()[:12]}.sock"
     return folder / f"{port}.sock"
 
 

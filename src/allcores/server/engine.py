@@ -129,10 +129,11 @@ async def _serve(settings: ServeSettings, config: uvicorn.Config) -> int:
         stalls = StallReporter(runtime.row, settings.warn_blocking, f"worker {runtime.id}")
         stalls.start()
     try:
+        host, port = settings.listen_address
         server = await cluster.start_server(
             protocol_factory=protocol,
-            host=settings.host,
-            port=settings.port,
+            host=host,
+            port=port,
             backlog=settings.backlog,
             ssl=config.ssl,
         )

@@ -78,13 +78,19 @@ async def _serve(settings: ServeSettings, primary: Primary) -> int:
     try:
         # Bound here, before any worker starts: a taken port fails at once, with who
         # holds it, and --port 0 gets its number for the workers and the log.
-        settings.port = primary.bind(settings.host, settings.port, settings.backlog).port
+        bound = primary.bind(*settings.listen_address, settings.backlog)
     except BindError as exc:
         log.error("allcores: %s", exc.strerror or exc)
         return 1
+    if not settings.uds:
+        settings.port = bound.port
     primary.settings.env[SETTINGS_ENV] = settings.to_json()
     status = StatusBuilder(primary, settings.app_name, time.monotonic())
-    control_path = Path(settings.control) if settings.control else default_path(settings.port)
+    control_path = (
+        Path(settings.control)
+        if settings.control
+        else default_path(settings.listen_address[0] if settings.uds else settings.port)
+    )
     control = ControlServer(control_path, _handlers(primary, status))
     admin = None
     try:
@@ -98,14 +104,11 @@ async def _serve(settings: ServeSettings, primary: Primary) -> int:
         control.close()
         return 1
     workers = available_cpus() if settings.workers == "auto" else int(settings.workers)
-    scheme = "https" if settings.ssl_certfile else "http"
     log.info(
-        "allcores: serving %s on %s://%s:%d with %d worker(s), policy %s; "
+        "allcores: serving %s on %s with %d worker(s), policy %s; "
         "control socket %s (SIGHUP reloads, Ctrl-C stops)",
         settings.app_name,
-        scheme,
-        settings.host,
-        settings.port,
+        settings.url,
         workers,
         settings.policy,
         control_path,

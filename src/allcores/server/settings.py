@@ -119,6 +119,8 @@ class ServeSettings:
     interface: str = "auto"
     host: str = "127.0.0.1"
     port: int = 8000
+    uds: str | None = None
+    """Serve on this UNIX socket instead of host and port (a proxy in front)."""
     workers: int | str = "auto"
     policy: str = dataclasses.field(default_factory=default_policy)
     app_dir: str = "."
@@ -212,6 +214,20 @@ class ServeSettings:
                 raise ServeSettingsError(f"--{name.replace('_', '-')} {path!r}: no such file")
 
     @property
+    def listen_address(self) -> tuple[str, int]:
+        """(host, port) as the cluster takes it: ``("unix:/abs/path", 0)`` for --uds."""
+        if self.uds:
+            return "unix:" + os.path.abspath(self.uds), 0
+        return self.host, self.port
+
+    @property
+    def url(self) -> str:
+        if self.uds:
+            return f"unix:{os.path.abspath(self.uds)}"
+        scheme = "https" if self.ssl_certfile else "http"
+        return f"{scheme}://{self.host}:{self.port}"
+
+    @property
     def app_name(self) -> str:
         """How the app is named in logs and process titles."""
         if isinstance(self.app, str):
@@ -238,6 +254,7 @@ OPTIONS: dict[str, Parser] = {
     "interface": _choice("auto", "asgi3", "asgi2", "wsgi"),
     "host": _text,
     "port": _int(0),
+    "uds": _optional(_text),
     "workers": _workers,
     "policy": _choice(*POLICIES),
     "app_dir": _text,
