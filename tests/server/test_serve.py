@@ -9,6 +9,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -255,3 +256,12 @@ def test_a_unix_socket_serves_reloads_and_is_removed_at_the_end(serve, tmp_path:
     server.proc.send_signal(signal.SIGTERM)
     assert server.wait_exit() == 0
     assert not path.exists()
+
+
+def test_an_app_object_from_the_interactive_interpreter_is_refused_with_what_to_do() -> None:
+    script = "import allcores\nasync def app(s, r, se):\n    pass\n\nallcores.serve(app)\n"
+    run = subprocess.run(
+        [sys.executable, "-i"], input=script, capture_output=True, text=True, timeout=60
+    )
+    assert "cannot be served from the interactive interpreter" in run.stderr
+    assert "give the app as 'module:attribute'" in run.stderr

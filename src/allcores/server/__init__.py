@@ -41,5 +41,11 @@ def serve(app: Any, **options: Any) -> int:
         sys.exit(worker.main(None if isinstance(app, str) else app))
     from allcores.server.primary import run_primary
 
+    if not isinstance(app, str) and hasattr(sys, "ps1"):
+        raise ServeSettingsError(
+            "an app object cannot be served from the interactive interpreter: each "
+            "worker runs your program again, and there is none; give the app as "
+            "'module:attribute' (allcores.serve('main:app'))"
+        )
     settings = ServeSettings.load({**options, "app": app})
     return run_primary(settings, rerun_program=not isinstance(app, str))
