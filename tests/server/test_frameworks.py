@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from websockets.sync.client import connect
 
 from tests.server.conftest import get
@@ -34,9 +35,10 @@ def test_fastapi_with_its_lifespan_and_a_websocket(serve) -> None:  # type: igno
     assert server.wait_exit() == 0
 
 
-def test_starlette_http_and_websocket(serve) -> None:  # type: ignore[no-untyped-def]
-    server = serve("starlette_app:app", "--workers", "1")
-    server.wait_ready(1)
+@pytest.mark.parametrize("policy", ["balanced", "rr", "shared", "reuseport"])
+def test_starlette_http_and_websocket_under_every_policy(serve, policy: str) -> None:  # type: ignore[no-untyped-def]
+    server = serve("starlette_app:app", "--workers", "2", "--policy", policy)
+    server.wait_ready(2)
     assert get(server.port)[1].endswith(" starlette")
     with connect(f"ws://127.0.0.1:{server.port}/ws", open_timeout=10) as websocket:
         websocket.send("hi")
