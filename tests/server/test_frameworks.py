@@ -45,9 +45,10 @@ def test_starlette_http_and_websocket_under_every_policy(serve, policy: str) -> 
         assert str(websocket.recv(timeout=10)).endswith(" hi")
 
 
-def test_flask_quick_start_through_wsgi(serve) -> None:  # type: ignore[no-untyped-def]
-    server = serve("flask_app:app", "--workers", "1")
-    server.wait_ready(1)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_flask_quick_start_through_wsgi(serve, workers: int) -> None:  # type: ignore[no-untyped-def]
+    server = serve("flask_app:app", "--workers", str(workers))
+    assert len(server.wait_ready(workers)) == workers
     assert get(server.port)[1].endswith("<p>Hello, World!</p>")
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
     conn.request(
