@@ -265,3 +265,18 @@ def test_an_app_object_from_the_interactive_interpreter_is_refused_with_what_to_
     )
     assert "cannot be served from the interactive interpreter" in run.stderr
     assert "give the app as 'module:attribute'" in run.stderr
+
+
+def test_an_app_factory_with_factory(serve) -> None:  # type: ignore[no-untyped-def]
+    server = serve("factory_app:create_app", "--factory", "--workers", "1")
+    server.wait_ready(1)
+    assert get(server.port)[1].endswith(" made by create_app")
+
+
+def test_max_lifetime_recycles_a_worker_behind_a_ready_successor(serve) -> None:  # type: ignore[no-untyped-def]
+    server = serve("plain_asgi:app", "--workers", "1", "--max-lifetime", "1")
+    first = server.wait_ready(1)
+    # Its successor (worker 2) listens first; then worker 1 drains.
+    output = server.wait_for_output("recycle: worker 2 (pid")
+    assert "recycling worker 1" in output and "(max_lifetime=1)" in output
+    wait_until(lambda: server.wait_ready(1) - first)
