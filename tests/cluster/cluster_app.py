@@ -25,6 +25,8 @@ PORT = int(os.environ["APP_PORT"])
 BOOT_FAIL = os.environ.get("APP_BOOT_FAIL") == "1"
 # A worker started while this file exists fails to boot: a reload of broken code.
 BOOT_FAIL_FILE = os.environ.get("APP_BOOT_FAIL_FILE", "")
+# ... or, for this one, never gets to listening (a boot that hangs).
+BOOT_HANG_FILE = os.environ.get("APP_BOOT_HANG_FILE", "")
 SERVERS: list[Any] = []
 
 if cluster.is_primary:
@@ -47,6 +49,7 @@ def primary() -> int:
         "crash_loop_limit": int(os.environ.get("APP_CRASH_LIMIT", "5")),
         "crash_loop_window": 30.0,
         "graceful_timeout": float(os.environ.get("APP_GRACE", "10")),
+        "ready_timeout": float(os.environ.get("APP_READY_TIMEOUT", "60")),
     }
     cluster.setup_primary(**settings)
     cluster.on("fork", lambda w: say(event="fork", id=w.id, pid=w.pid))
@@ -153,6 +156,8 @@ async def worker_main() -> None:
     if BOOT_FAIL or (BOOT_FAIL_FILE and os.path.exists(BOOT_FAIL_FILE)):
         print(f"worker {me.id}: cannot boot: missing configuration APP_SECRET", file=sys.stderr)
         sys.exit(3)
+    if BOOT_HANG_FILE and os.path.exists(BOOT_HANG_FILE):
+        time.sleep(3600)
     os.write(1, f"worker {me.id} up\n".encode())  # not JSON: ignored by the event reader
     # A slow boot (imports, warm-up) that a stop may interrupt; blocking on purpose.
     time.sleep(float(os.environ.get("APP_BOOT_DELAY", "0")))

@@ -47,3 +47,19 @@ def test_a_reload_whose_new_worker_cannot_boot_keeps_the_old_ones(  # type: igno
     for pid in before:
         run.wait_for("exit", pid=pid, planned=True)
     assert len(run.worker_pids()) == 2
+
+
+def test_a_reload_whose_new_worker_hangs_at_boot_stops_at_the_ready_timeout(  # type: ignore[no-untyped-def]
+    start_cluster, tmp_path: Path
+) -> None:
+    hang = tmp_path / "hang"
+    run = start_cluster(workers=1, APP_BOOT_HANG_FILE=str(hang), APP_READY_TIMEOUT="1")
+    before = run.worker_pids()
+    hang.touch()
+    run.proc.send_signal(signal.SIGHUP)
+    stderr = run.wait_for_stderr("reload 1 stopped after 0 of 1 worker(s)")
+    assert "was not listening 1 s after it started (ready_timeout)" in stderr
+    # The hung candidate was killed; the old worker serves on.
+    run.wait_for("exit", signal="SIGKILL")
+    assert run.worker_pids() == before
+    assert int(http_get(run.port)) in before
