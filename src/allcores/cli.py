@@ -149,6 +149,13 @@ def _serve_options(command: Any) -> Any:
 @main.command()
 @click.argument("app", required=False)
 @click.option("--factory", is_flag=True, default=None, help="APP is a function making the app.")
+@click.option(
+    "--preload",
+    is_flag=True,
+    default=None,
+    help="Import the app once in the primary; fork the workers from it (less memory, "
+    "faster respawns; a reload then restarts workers, not code).",
+)
 @_serve_options
 def serve(**options: Any) -> None:
     """Serve an ASGI or WSGI APP (MODULE:ATTRIBUTE) on every core.

@@ -280,3 +280,30 @@ def test_max_lifetime_recycles_a_worker_behind_a_ready_successor(serve) -> None:
     output = server.wait_for_output("recycle: worker 2 (pid")
     assert "recycling worker 1" in output and "(max_lifetime=1)" in output
     wait_until(lambda: server.wait_ready(1) - first)
+
+
+def test_preload_imports_once_and_forks_workers_from_a_zygote(serve) -> None:  # type: ignore[no-untyped-def]
+    server = serve("plain_asgi:app", "--workers", "2", "--preload")
+    pids = server.wait_ready(2)
+    primary = psutil.Process(server.proc.pid)
+    (zygote,) = primary.children()
+    assert zygote.cmdline()[0] == "allcores: zygote plain_asgi:app"
+    assert {child.pid for child in zygote.children()} == pids
+    # Each worker ran the lifespan itself, on the app the primary imported.
+    for _ in range(4):
+        pid, *lifespan_pids = map(int, get(server.port)[1].split())
+        assert lifespan_pids == [pid]
+    victim = min(pids)
+    os.kill(victim, signal.SIGKILL)
+    replaced = wait_until(lambda: server.wait_ready(2) - pids)
+    assert len(replaced) == 1 and psutil.Process(next(iter(replaced))).ppid() == zygote.pid
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.wait_exit() == 0
+    wait_until(lambda: not psutil.pid_exists(zygote.pid), timeout=10)
+
+
+def test_preload_of_an_app_that_fails_at_import_stops_before_any_worker(serve) -> None:  # type: ignore[no-untyped-def]
+    server = serve("broken_import:app", "--workers", "2", "--preload")
+    assert server.wait_exit(30) == 1
+    assert server.output.count("KeyError: 'DATABASE_URL'") == 1
+    assert "failed while booting" not in server.output

@@ -210,6 +210,15 @@ async def listen(
     return await _the_worker().listen(host, port, backlog)
 
 
+def _become_worker(worker_id: int, channel_fd: int, scoreboard: str, parent_pid: int) -> None:
+    """In a worker forked from a zygote (`allcores.cluster.forking`): this process was
+    a copy of the primary; from here on it is worker *worker_id*, as if it had been
+    started with the worker's environment."""
+    global is_worker, is_primary, worker, _primary
+    is_worker, is_primary, _primary = True, False, None
+    worker = WorkerRuntime(worker_id, channel_fd, scoreboard, parent_pid)
+
+
 def __getattr__(name: str) -> Any:
     if name == "workers":
         return _primary.workers if _primary is not None else {}

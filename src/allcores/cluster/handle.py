@@ -16,7 +16,7 @@ import signal
 import socket
 import subprocess
 import time
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from allcores.cluster import messages
 from allcores.cluster.spawn import OUTPUT_LINES, StderrTail
@@ -24,6 +24,9 @@ from allcores.errors import ChannelError
 from allcores.events import EventEmitter
 from allcores.ipc.async_channel import AsyncChannel
 from allcores.observe.scoreboard import Row
+
+if TYPE_CHECKING:
+    from allcores.cluster.forking import Forked
 
 __all__ = ["Owner", "Worker"]
 
@@ -51,7 +54,7 @@ class Worker(EventEmitter):
         self.id = worker_id
         self.row = row
         self._owner = owner
-        self.process: subprocess.Popen[bytes] | None = None
+        self.process: subprocess.Popen[bytes] | Forked | None = None
         self.exited_after_disconnect = False
         self.state = "none"
         self.started = time.monotonic()

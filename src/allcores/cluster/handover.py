@@ -33,6 +33,7 @@ import socket
 from collections.abc import Callable, Collection
 from typing import Any
 
+from allcores.child.fds import register_parent_end
 from allcores.cluster import messages
 from allcores.cluster.balance import least_busy_worker, round_robin
 from allcores.cluster.handle import Worker
@@ -167,6 +168,7 @@ class Handover:
             sock = bind_unix(host.removeprefix(UNIX_PREFIX), backlog=backlog)
             listener = _Listener((host, port), self._settings.scheduling_policy, sock)
             self._listeners[(host, port)] = listener
+            register_parent_end(sock)
         if listener is None:
             policy = self._settings.scheduling_policy
             reuseport = policy == "reuseport"
@@ -178,6 +180,8 @@ class Handover:
             )
             listener = _Listener((host, port), policy, sock)
             self._listeners[(host, port)] = listener
+            # The primary's alone: no process it forks (a zygote, a pool) holds it.
+            register_parent_end(sock)
             if port == 0:
                 self._listeners[(host, listener.address.port)] = listener
         return listener
@@ -272,6 +276,7 @@ class Handover:
             host = listener.key[0]
             sock = bind_listener(host, listener.address.port, backlog=backlog, reuseport=True)
             listener.per_row[row] = sock
+            register_parent_end(sock)
         return sock
 
     def _warn_reuseport(self) -> None:

@@ -48,10 +48,11 @@ import logging
 import os
 import random
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from allcores._system import new_event_loop, raise_fd_limit, signal_name
 from allcores.cluster import messages
@@ -79,6 +80,10 @@ from allcores.events import EventEmitter
 from allcores.ipc.async_channel import AsyncChannel
 from allcores.ipc.channel import channel_pair
 from allcores.observe.scoreboard import RowState, Scoreboard
+
+if TYPE_CHECKING:
+    # Only `allcores serve --preload` makes one; a worker need not import a zygote.
+    from allcores.cluster.forking import ForkLauncher
 
 __all__ = [
     "ENV_CHANNEL_FD",
@@ -130,6 +135,8 @@ class Primary(EventEmitter):
         self._last_exit_unplanned = False
         self._when_all_gone: list[Callable[[], Any]] = []
         self._rolling = Rolling(self)
+        self.launcher: ForkLauncher | None = None
+        """Set: workers are forked from its zygote instead of started as programs."""
         self._inbox = Inbox(self)
         self.restarts: collections.Counter[str] = collections.Counter()
         """Workers replaced, by cause: crash, hung, reload, recycle."""
@@ -202,6 +209,17 @@ class Primary(EventEmitter):
         worker._row = scoreboard.row(row)
         self._next_id += 1
         parent_sock, child_sock = channel_pair()
+        if self.launcher is not None:
+            try:
+                worker.process = self.launcher.start(
+                    loop, worker.id, row, child_sock, lambda status: self._on_exit(worker, status)
+                )
+            except OSError as exc:
+                parent_sock.close()
+                child_sock.close()
+                self._free_rows.append(row)
+                raise ClusterError(f"cannot fork worker {worker.id}: {exc}") from exc
+            return self._started(worker, row, parent_sock, child_sock)
         argv = worker_argv(self.settings)
         child_env = worker_env(
             self.settings,
@@ -212,7 +230,7 @@ class Primary(EventEmitter):
         )
         silent = self.settings.silent
         try:
-            worker.process = start_process(
+            process = start_process(
                 argv, child_env, (child_sock.fileno(), scoreboard.fd), silent=silent
             )
         except OSError as exc:
@@ -220,8 +238,23 @@ class Primary(EventEmitter):
             child_sock.close()
             self._free_rows.append(row)
             raise ClusterError(f"cannot start worker {worker.id} ({argv[0]}): {exc}") from exc
+        worker.process = process
+        worker = self._started(worker, row, parent_sock, child_sock)
+        ExitWatch(loop, process, lambda status: self._on_exit(worker, status))
+        # Its stderr is held until it listens (or has been up `boot_period`): a boot
+        # failure's traceback is then shown once, not once per worker started.
+        worker._stderr = StderrTail(loop, process, worker.output, silent=silent, hold=True)
+        loop.call_later(self.settings.boot_period, worker._stderr.release)
+        return worker
+
+    def _started(
+        self, worker: Worker, row: int, parent_sock: socket.socket, child_sock: socket.socket
+    ) -> Worker:
+        """A worker process exists: its row, its channel, its events."""
+        loop = self.loop
+        assert worker.process is not None
         worker._child_end = child_sock
-        scoreboard.row(row).set("pid", worker.process.pid)
+        self.scoreboard.row(row).set("pid", worker.process.pid)
         self.workers[worker.id] = worker
         inbox = self._inbox
         worker._channel = AsyncChannel(
@@ -231,11 +264,6 @@ class Primary(EventEmitter):
             loop=loop,
             on_error=lambda exc: inbox.on_bad_message(worker, exc),
         )
-        ExitWatch(loop, worker.process, lambda status: self._on_exit(worker, status))
-        # Its stderr is held until it listens (or has been up `boot_period`): a boot
-        # failure's traceback is then shown once, not once per worker started.
-        worker._stderr = StderrTail(loop, worker.process, worker.output, silent=silent, hold=True)
-        loop.call_later(self.settings.boot_period, worker._stderr.release)
         loop.call_soon(self._emit_both, "fork", worker)
         if not self._ran and not self._running and not self._atexit_registered and self._own_loop:
             # Node keeps a primary alive while it has workers. A script that forks and
@@ -558,3 +586,6 @@ class Primary(EventEmitter):
         if self._scoreboard is not None and not self.workers:
             self._scoreboard.close()
             self._scoreboard = None
+        if self.launcher is not None and not self.workers:
+            self.launcher.close()
+            self.launcher = None

@@ -90,9 +90,10 @@ def uvicorn_config(settings: ServeSettings, app: Any) -> uvicorn.Config:
     return config
 
 
-def run(settings: ServeSettings) -> int:
-    """Serve in this worker until drained; the exit code."""
-    app, interface = load_app(settings)
+def run(settings: ServeSettings, loaded: tuple[Any, str] | None = None) -> int:
+    """Serve in this worker until drained; the exit code. *loaded*: the app, already
+    imported by the primary (--preload), and its interface."""
+    app, interface = loaded if loaded is not None else load_app(settings)
     settings.interface = interface
     runtime = cluster.worker
     assert runtime is not None, "allcores.server.engine runs in a cluster worker"

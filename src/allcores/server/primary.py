@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import logging.config
 import sys
@@ -26,18 +27,19 @@ from pathlib import Path
 from typing import Any
 
 from allcores._system import available_cpus, new_event_loop
+from allcores.cluster.forking import ForkLauncher
 from allcores.cluster.listeners import BindError
 from allcores.cluster.primary import Primary
 from allcores.cluster.settings import ClusterSettings
 from allcores.control.client import ControlError, default_path
 from allcores.control.server import ControlServer
 from allcores.server.admin import AdminServer, parse_address
-from allcores.server.app import AppLoadError, check_findable
+from allcores.server.app import AppLoadError, check_findable, load_app
 from allcores.server.engine import logging_config
 from allcores.server.settings import ServeSettings
 from allcores.server.status import StatusBuilder
 from allcores.server.titles import set_title
-from allcores.server.worker import SETTINGS_ENV
+from allcores.server.worker import SETTINGS_ENV, run_forked
 
 __all__ = ["run_primary"]
 
@@ -70,14 +72,10 @@ def run_primary(settings: ServeSettings, *, rerun_program: bool = False) -> int:
         max_lifetime=settings.max_lifetime,
         env={SETTINGS_ENV: settings.to_json()},
     )
-    with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        return runner.run(_serve(settings, Primary(cluster_settings)))
-
-
-async def _serve(settings: ServeSettings, primary: Primary) -> int:
+    primary = Primary(cluster_settings)
     try:
-        # Bound here, before any worker starts: a taken port fails at once, with who
-        # holds it, and --port 0 gets its number for the workers and the log.
+        # Bound before any worker starts: a taken port fails at once, with who holds
+        # it, and --port 0 gets its number for the workers and the log.
         bound = primary.bind(*settings.listen_address, settings.backlog)
     except BindError as exc:
         log.error("allcores: %s", exc.strerror or exc)
@@ -85,6 +83,38 @@ async def _serve(settings: ServeSettings, primary: Primary) -> int:
     if not settings.uds:
         settings.port = bound.port
     primary.settings.env[SETTINGS_ENV] = settings.to_json()
+    if settings.preload and not _preload(settings, primary):
+        return 1
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return runner.run(_serve(settings, primary))
+
+
+def _preload(settings: ServeSettings, primary: Primary) -> bool:
+    """Import the app here, once, and fork every worker from a zygote that holds it."""
+    try:
+        loaded = load_app(settings)
+    except AppLoadError as exc:
+        log.error("allcores: %s", exc)
+        return False
+    except BaseException:
+        log.exception("allcores: the app failed to load (--preload imports it here)")
+        return False
+    board = primary.scoreboard
+    # What the app made so far stays put: the collector no longer writes to those
+    # objects' headers, so the workers' copies of those pages stay shared.
+    gc.collect()
+    gc.freeze()
+    # The zygote keeps the title it is forked with; the primary takes its own back.
+    set_title(f"zygote {settings.app_name}")
+    try:
+        args = (loaded, settings.to_json(), board.fd, board.rows)
+        primary.launcher = ForkLauncher(run_forked, args)
+    finally:
+        set_title(f"primary {settings.app_name}")
+    return True
+
+
+async def _serve(settings: ServeSettings, primary: Primary) -> int:
     status = StatusBuilder(primary, settings.app_name, time.monotonic())
     control_path = (
         Path(settings.control)

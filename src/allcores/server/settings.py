@@ -122,6 +122,8 @@ class ServeSettings:
     uds: str | None = None
     """Serve on this UNIX socket instead of host and port (a proxy in front)."""
     workers: int | str = "auto"
+    preload: bool = False
+    """Import the app once, in the primary, and fork the workers from it."""
     policy: str = dataclasses.field(default_factory=default_policy)
     app_dir: str = "."
     root_path: str = ""
@@ -256,6 +258,7 @@ OPTIONS: dict[str, Parser] = {
     "port": _int(0),
     "uds": _optional(_text),
     "workers": _workers,
+    "preload": _bool,
     "policy": _choice(*POLICIES),
     "app_dir": _text,
     "root_path": _text,

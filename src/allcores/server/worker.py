@@ -8,7 +8,9 @@ user's program run again instead (`allcores.server.serve`).
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import sys
 from typing import Any
 
@@ -42,6 +44,34 @@ def main(app: Any = None) -> int:
     except AppLoadError as exc:
         print(f"allcores: error: {exc}", file=sys.stderr)
         return 1
+
+
+def run_forked(
+    channel: socket.socket,
+    worker_id: int,
+    row: int,
+    zygote_pid: int,
+    loaded: tuple[Any, str],
+    settings_json: str,
+    scoreboard_fd: int,
+    scoreboard_rows: int,
+) -> int:  # pragma: no cover - runs in a worker forked by --preload's zygote
+    """A worker forked from the zygote of `allcores serve --preload`, the app
+    already imported (`allcores.cluster.forking`)."""
+    from allcores import cluster
+    from allcores.server.engine import run
+    from allcores.server.settings import ServeSettings
+    from allcores.server.titles import set_title
+
+    global serving
+    serving = True
+    scoreboard = f"{scoreboard_fd}:{scoreboard_rows}:{row}"
+    cluster._become_worker(worker_id, channel.detach(), scoreboard, zygote_pid)
+    # An app given as an object travels as null in the JSON: it is the loaded one.
+    named = json.loads(settings_json)["app"] is not None
+    settings = ServeSettings.from_json(settings_json, None if named else loaded[0])
+    set_title(f"worker {worker_id} {settings.app_name}")
+    return run(settings, loaded)
 
 
 if __name__ == "__main__":
