@@ -191,7 +191,8 @@ def _where(command: Any) -> Any:
         "--port",
         default=None,
         type=click.IntRange(0, 65535),
-        help="The port the server listens on (default: ALLCORES_PORT, else 8000).",
+        help="The port the server listens on (default: as `allcores serve` here would "
+        "take it, from ALLCORES_* or [tool.allcores]; else 8000).",
     )(command)
 
 
@@ -200,13 +201,21 @@ def _ask(
 ) -> dict[str, Any]:
     from allcores.control.client import ControlError, default_path, request
 
+    if control is None and uds is None and port is None:
+        # What `allcores serve` here would use: ALLCORES_* or [tool.allcores].
+        from allcores.server.settings import ServeSettings, ServeSettingsError
+
+        try:
+            found = ServeSettings.configured("control", "uds", "port")
+        except ServeSettingsError as exc:
+            raise click.UsageError(str(exc)) from None
+        control, uds, port = found.get("control"), found.get("uds"), found.get("port", 8000)
     if control is not None:
         path = Path(control)
     elif uds is not None:
         path = default_path("unix:" + os.path.abspath(uds))
     else:
-        port = port if port is not None else int(os.environ.get("ALLCORES_PORT", "8000"))
-        path = default_path(port)
+        path = default_path(port or 0)
     try:
         return request(path, command)
     except ControlError as exc:

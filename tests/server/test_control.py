@@ -81,3 +81,18 @@ def test_commands_say_clearly_when_no_server_is_running(tmp_path: Path) -> None:
     run = allcores("status", "--control", str(tmp_path / "none.sock"))
     assert run.returncode == 1
     assert "no allcores server is running with control socket" in run.stderr
+
+
+def test_status_finds_the_server_on_the_port_the_environment_names(serve) -> None:  # type: ignore[no-untyped-def]
+    server = serve("plain_asgi:app", "--workers", "1")
+    (pid,) = server.wait_ready(1)
+    run = subprocess.run(
+        [ALLCORES, "status", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=APPS,
+        env={**os.environ, "ALLCORES_PORT": str(server.port)},
+    )
+    assert run.returncode == 0, run.stderr
+    assert [w["pid"] for w in json.loads(run.stdout)["workers"]] == [pid]

@@ -110,3 +110,11 @@ def test_the_interface_is_found_from_how_the_app_is_called() -> None:
     assert detect_interface(wsgi) == "wsgi"
     assert detect_interface(FlaskLike()) == "wsgi"
     assert detect_interface(Asgi2) == "asgi2"
+
+
+def test_a_command_finds_the_server_where_serve_would_put_it(tmp_path: Path) -> None:
+    write_pyproject(tmp_path, 'app = "main:app"\nport = 9000\nuds = "/run/app.sock"')
+    found = ServeSettings.configured("control", "uds", "port", environ={}, cwd=tmp_path)
+    assert found == {"uds": "/run/app.sock", "port": 9000}
+    environ = {"ALLCORES_PORT": "9100"}
+    assert ServeSettings.configured("port", environ=environ, cwd=tmp_path) == {"port": 9100}

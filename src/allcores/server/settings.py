@@ -165,6 +165,25 @@ class ServeSettings:
         self.validate()
 
     @classmethod
+    def configured(
+        cls, *names: str, environ: Mapping[str, str] | None = None, cwd: Path | None = None
+    ) -> dict[str, Any]:
+        """The values of *names* that pyproject.toml or ``ALLCORES_*`` set (the later
+        wins), parsed; for a command that finds a running server (`allcores status`)."""
+        environ = os.environ if environ is None else environ
+        found: dict[str, Any] = {}
+        pyproject = find_pyproject(cwd or Path.cwd())
+        table = _tool_table(pyproject) if pyproject is not None else {}
+        for name in names:
+            for key in (name, name.replace("_", "-")):
+                if key in table:
+                    found[name] = _parse(name, table[key], f"{pyproject} [tool.allcores] {key}")
+            variable = ENV_PREFIX + name.upper()
+            if variable in environ:
+                found[name] = _parse(name, environ[variable], variable)
+        return found
+
+    @classmethod
     def load(
         cls,
         given: Mapping[str, Any],
