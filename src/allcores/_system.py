@@ -18,6 +18,7 @@ __all__ = [
     "new_event_loop",
     "raise_fd_limit",
     "release_forkserver",
+    "resident_bytes",
     "signal_name",
 ]
 
@@ -92,6 +93,16 @@ def raise_fd_limit() -> None:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if hard == resource.RLIM_INFINITY or soft < hard:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def resident_bytes(pid: int) -> int:
+    """Resident memory of process *pid* in bytes; 0 if it cannot be read (gone)."""
+    try:
+        import psutil
+
+        return int(psutil.Process(pid).memory_info().rss)
+    except Exception:
+        return 0
 
 
 def signal_name(signum: int) -> str:

@@ -21,6 +21,7 @@ import random
 import signal
 from typing import TYPE_CHECKING
 
+from allcores._system import resident_bytes
 from allcores.cluster.handle import Worker
 from allcores.cluster.messages import DUMP_SIGNAL
 
@@ -108,19 +109,10 @@ class Health:
         if settings.max_lifetime and now - worker.started > settings.max_lifetime:
             return f"up {now - worker.started:.0f} s (max_lifetime={settings.max_lifetime:g})"
         if settings.max_rss_mb:
-            rss = _rss(worker.pid)
+            rss = resident_bytes(worker.pid)
             if rss > settings.max_rss_mb * _MB:
                 return f"RSS {rss / _MB:.0f} MB (max_rss={settings.max_rss_mb:g} MB)"
         return ""
 
     def forget(self, worker: Worker) -> None:
         self._request_limits.pop(worker.id, None)
-
-
-def _rss(pid: int) -> int:
-    try:
-        import psutil
-
-        return int(psutil.Process(pid).memory_info().rss)
-    except Exception:
-        return 0

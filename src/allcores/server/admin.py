@@ -28,20 +28,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from allcores.cluster.primary import Primary
 from allcores.server.metrics import registry_for
 
-__all__ = ["AdminServer", "parse_address"]
+__all__ = ["AdminServer"]
 
 # A request head bigger than this is refused: the endpoint serves four GETs.
 _MAX_HEAD = 16 * 1024
 # A client that sends nothing for this long is dropped.
 _IDLE = 10.0
-
-
-def parse_address(text: str) -> tuple[str, int]:
-    """``PORT`` (on 127.0.0.1) or ``HOST:PORT``."""
-    host, _, port = text.rpartition(":")
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"admin address {text!r} must be PORT or HOST:PORT")
-    return (host.strip("[]") or "127.0.0.1"), int(port)
 
 
 class AdminServer:

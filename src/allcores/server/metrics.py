@@ -18,6 +18,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from allcores._system import resident_bytes
 from allcores.cluster.primary import Primary
 from allcores.observe.scoreboard import LAG_BUCKETS_MS, LATENCY_BUCKETS_S, RowSnapshot
 
@@ -61,7 +62,7 @@ class ServerCollector(Collector):
             in_flight.add_metric(values, row.tasks)
             connections.add_metric(values, max(0, worker.open_connections))
             lag.add_metric(values, row.lag_ms / 1000)
-            rss.add_metric(values, _rss(worker.pid))
+            rss.add_metric(values, resident_bytes(worker.pid))
             latency.add_metric(
                 values,
                 _cumulative(row.latency_histogram, LATENCY_BUCKETS_S),
@@ -106,12 +107,3 @@ def _lag_sum(row: RowSnapshot) -> float:
     # lower bound, a floor that Prometheus' averages then err below, never above.
     lower = [0.0, *(ms / 1000 for ms in LAG_BUCKETS_MS)]
     return sum(bound * count for bound, count in zip(lower, row.lag_histogram, strict=True))
-
-
-def _rss(pid: int) -> int:
-    try:
-        import psutil
-
-        return int(psutil.Process(pid).memory_info().rss)
-    except Exception:
-        return 0

@@ -33,10 +33,10 @@ from allcores.cluster.primary import Primary
 from allcores.cluster.settings import ClusterSettings
 from allcores.control.client import ControlError, default_path
 from allcores.control.server import ControlServer
-from allcores.server.admin import AdminServer, parse_address
+from allcores.server.admin import AdminServer
 from allcores.server.app import AppLoadError, check_findable, load_app
 from allcores.server.engine import logging_config
-from allcores.server.settings import ServeSettings
+from allcores.server.settings import ServeSettings, admin_address
 from allcores.server.status import StatusBuilder
 from allcores.server.titles import set_title
 from allcores.server.worker import SETTINGS_ENV, run_forked
@@ -126,7 +126,7 @@ async def _serve(settings: ServeSettings, primary: Primary) -> int:
     try:
         await control.start()
         if settings.admin:
-            admin = AdminServer(parse_address(settings.admin), primary, status.build)
+            admin = AdminServer(admin_address(settings.admin), primary, status.build)
             await admin.start()
             log.info("allcores: admin endpoint on http://%s:%d/metrics", *admin.address)
     except (ControlError, OSError) as exc:

@@ -92,11 +92,17 @@ def _optional(parse: Parser) -> Parser:
     return optional
 
 
-def _admin(value: Any) -> str:
-    text = str(value).strip()
-    port = text.rpartition(":")[2]
+def admin_address(text: str) -> tuple[str, int]:
+    """``PORT`` (on 127.0.0.1) or ``HOST:PORT`` as (host, port)."""
+    host, _, port = text.strip().rpartition(":")
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError("must be PORT or HOST:PORT, for example 9100 or 0.0.0.0:9100")
+    return (host.strip("[]") or "127.0.0.1"), int(port)
+
+
+def _admin(value: Any) -> str:
+    text = str(value).strip()
+    admin_address(text)
     return text
 
 

@@ -49,7 +49,8 @@ class StatusBuilder:
                     "heartbeat_age": round(min(snapshot.heartbeat_age(now), 1e6), 3),
                 }
             )
-        for pid in [pid for pid in self._processes if pid not in {r["pid"] for r in rows}]:
+        alive = {row["pid"] for row in rows}
+        for pid in [pid for pid in self._processes if pid not in alive]:
             del self._processes[pid]
         return {
             "app": self._app,
