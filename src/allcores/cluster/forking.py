@@ -5,10 +5,12 @@ start.
 
 ::
 
-    primary, before its loop: import the app, gc.freeze(), ForkLauncher(run, args)
+    primary, before its loop: import the app, gc.freeze(),
+      ForkLauncher(run, args, others={"pool": (run_pool, pool_args)})
       └─ fork ─► zygote (allcores.child.zygote: no threads, no loop, no sockets yet)
     Primary._fork ── spawn(channel end, "worker:<id>:<row>") ──► zygote forks:
                                                          run(channel, worker id, row, *args)
+    start(..., kind="pool") ── "pool:<n>:<row>" ──► run_pool(socket, n, row, *pool_args)
       the pid comes back at once; the exit, with its code, as a notice ─► _on_exit
 
 The child becomes a cluster worker in place (`cluster._become_worker`), as if it had
@@ -42,10 +44,16 @@ class Forked:
 
 class ForkLauncher:
     """Starts workers as ``run(channel, worker_id, row, zygote_pid, *args)`` in children
-    of a zygote forked now; ``run`` returns the worker's exit code."""
+    of a zygote forked now; ``run`` returns the worker's exit code. *others* names more
+    kinds of child, each with its own ``run`` and arguments (the shared CPU pool's)."""
 
-    def __init__(self, run: Callable[..., int], args: tuple[Any, ...] = ()) -> None:
-        self._zygote = Zygote(_child, (run, args))
+    def __init__(
+        self,
+        run: Callable[..., int],
+        args: tuple[Any, ...] = (),
+        others: dict[str, tuple[Callable[..., int], tuple[Any, ...]]] | None = None,
+    ) -> None:
+        self._zygote = Zygote(_child, ({"worker": (run, args), **(others or {})},))
         self._exits: dict[int, OnExit] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -56,6 +64,7 @@ class ForkLauncher:
         row: int,
         channel: socket.socket,
         on_exit: OnExit,
+        kind: str = "worker",
     ) -> Forked:
         """Fork a worker that gets *channel*; *on_exit(status)* on *loop* when it ends
         (status as Popen's: the exit code, or minus the signal). OSError if it cannot."""
@@ -63,7 +72,7 @@ class ForkLauncher:
             self._zygote.watch(loop, self._on_exit)
             self._loop = loop
         try:
-            spawned = self._zygote.spawn(channel, f"worker:{worker_id}:{row}")
+            spawned = self._zygote.spawn(channel, f"{kind}:{worker_id}:{row}")
         except ZygoteError as exc:
             raise OSError(str(exc)) from exc
         self._exits[spawned.number] = on_exit
@@ -87,7 +96,10 @@ class ForkLauncher:
 
 
 def _child(
-    channel: socket.socket, zygote_pid: int, run: Callable[..., int], args: tuple[Any, ...]
+    channel: socket.socket,
+    zygote_pid: int,
+    runners: dict[str, tuple[Callable[..., int], tuple[Any, ...]]],
 ) -> None:  # pragma: no cover - runs in a forked worker
-    _kind, worker_id, row = multiprocessing.current_process().name.split(":")
+    kind, worker_id, row = multiprocessing.current_process().name.split(":")
+    run, args = runners[kind]
     raise SystemExit(run(channel, int(worker_id), int(row), zygote_pid, *args))

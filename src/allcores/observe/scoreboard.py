@@ -58,11 +58,14 @@ _FIELDS: tuple[tuple[str, str], ...] = (
     ("lag_ms", "d"),
     ("lag_max_ms", "d"),
     ("rss", "q"),
-    ("latency_sum", "d"),
+    ("latency_sum", "d"),  # a pool process: the run time of its tasks
+    ("offloads", "q"),  # an HTTP worker's tasks in the shared pool (sent, not answered)
+    ("wait_sum", "d"),  # a shared-pool process: its tasks' time in the queue
     *((f"lag_bucket_{i}", "q") for i in range(len(LAG_BUCKETS_MS) + 1)),
     *((f"latency_bucket_{i}", "q") for i in range(len(LATENCY_BUCKETS_S) + 1)),
+    *((f"wait_bucket_{i}", "q") for i in range(len(LATENCY_BUCKETS_S) + 1)),
 )
-_SCALARS = 13  # the fields before the histograms
+_SCALARS = 15  # the fields before the histograms
 _ROW = struct.Struct("=" + "".join(kind for _name, kind in _FIELDS))
 _OFFSETS = {}
 _offset = 0
@@ -88,8 +91,11 @@ class RowSnapshot:
     lag_max_ms: float
     rss: int
     latency_sum: float
+    offloads: int
+    wait_sum: float
     lag_histogram: tuple[int, ...]
     latency_histogram: tuple[int, ...]
+    wait_histogram: tuple[int, ...]
 
     @property
     def state_name(self) -> str:
@@ -146,6 +152,16 @@ class Row:
                 break
         self.add(f"lag_bucket_{bucket}", 1)
 
+    def observe(self, histogram: str, seconds: float) -> None:
+        """One observation into the ``latency`` or ``wait`` histogram (LATENCY_BUCKETS_S)."""
+        self.set(f"{histogram}_sum", self.get(f"{histogram}_sum") + seconds)
+        bucket = len(LATENCY_BUCKETS_S)
+        for i, bound in enumerate(LATENCY_BUCKETS_S):
+            if seconds <= bound:
+                bucket = i
+                break
+        self.add(f"{histogram}_bucket_{bucket}", 1)
+
     def clear(self, pid: int = 0, state: int = RowState.FREE) -> None:
         self._buf[self._base : self._base + ROW_SIZE] = bytes(ROW_SIZE)
         self.set("pid", pid)
@@ -184,10 +200,12 @@ class Scoreboard:
         names = (name for name, _kind in _FIELDS[:_SCALARS])
         fields = dict(zip(names, values[:_SCALARS], strict=True))
         lag_end = _SCALARS + len(LAG_BUCKETS_MS) + 1
+        latency_end = lag_end + len(LATENCY_BUCKETS_S) + 1
         return RowSnapshot(
             index=index,
             lag_histogram=tuple(values[_SCALARS:lag_end]),
-            latency_histogram=tuple(values[lag_end:]),
+            latency_histogram=tuple(values[lag_end:latency_end]),
+            wait_histogram=tuple(values[latency_end:]),
             **fields,
         )
 

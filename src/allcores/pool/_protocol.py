@@ -107,7 +107,7 @@ def pack_error(kind: int, task_id: int, exc: BaseException, seconds: float = 0.0
         return pack(kind, task_id, (stand_in, tb), seconds)
 
 
-class _RowWriter:
+class RowWriter:
     """This worker's scoreboard row, or nothing when the pool keeps no scoreboard.
 
     It packs into the row's fields directly: through `Row.set` the seven writes per
@@ -156,7 +156,7 @@ def pack_stop() -> bytes | bytearray:
     return pack(STOP, 0, None).payload
 
 
-def _setup(endpoint: Endpoint, initializer: Initializer | None) -> _RowWriter | None:
+def _setup(endpoint: Endpoint, initializer: Initializer | None) -> RowWriter | None:
     """Read SETUP, run the initializer; None when the worker must stop."""
     try:
         payload, fds = endpoint.recv_bytes()
@@ -189,10 +189,10 @@ def _setup(endpoint: Endpoint, initializer: Initializer | None) -> _RowWriter | 
     pull = None if probe is None else _pull.probe(*probe)
     packed = pack(READY, 0, {"pid": os.getpid(), "pull": pull})
     endpoint.send_bytes(packed.payload, packed.fds)
-    return _RowWriter(row)
+    return RowWriter(row)
 
 
-def _run(
+def run_task(
     kind: int, task_id: int, payload: bytes | bytearray, fds: list[int], keep: list[Any]
 ) -> Packed:
     """Run one task; its reply. The unpickled task goes into *keep*, so that the caller
@@ -312,7 +312,7 @@ def serve(endpoint: Endpoint, initializer: Initializer | None = None) -> None:
                     os.close(fd)
                 continue
             row.start()
-            packed = _run(payload[0], task_id, payload, fds, keep)
+            packed = run_task(payload[0], task_id, payload, fds, keep)
             del payload
             row.finish()
             endpoint.send_bytes(packed.payload, packed.fds)

@@ -297,8 +297,12 @@ def pack_call(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     pull_from: int | None = None,
+    seconds: float = 0.0,
 ) -> Packed:
     """`pack` of a call ``(blob, args, kwargs)``, with large bytes arguments out of band.
+
+    *seconds* rides in the head (the shared pool of `allcores serve` sends the time
+    the task was queued, to measure its wait).
 
     With *pull_from* (this process's pid), large `bytes` arguments go as their
     address, for the worker to copy (`allcores.pool._pull`); the caller must keep
@@ -310,16 +314,16 @@ def pack_call(
                 break
         else:
             return Packed(
-                _HEAD.pack(kind, 0, 0, 0, task_id, 0.0)
+                _HEAD.pack(kind, 0, 0, 0, task_id, seconds)
                 + pickle.dumps((blob, args, kwargs), protocol=5),
                 [],
                 None,
             )
     if pull_from is None:
-        return pack(kind, task_id, (blob, wrap_large_bytes(args), kwargs))
+        return pack(kind, task_id, (blob, wrap_large_bytes(args), kwargs), seconds)
     token = _PULL_FROM.set(pull_from)
     try:
-        return pack(kind, task_id, (blob, wrap_large_bytes(args), kwargs))
+        return pack(kind, task_id, (blob, wrap_large_bytes(args), kwargs), seconds)
     finally:
         _PULL_FROM.reset(token)
 

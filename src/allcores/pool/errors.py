@@ -53,8 +53,9 @@ class WorkerCrashedError(PoolError):
             how = "died (exit status unknown)"
         else:
             how = f"exited with code {self.exitcode}"
+        who = f"pool worker {self.worker_id} (pid {self.pid})" if self.pid else "a pool process"
         return (
-            f"pool worker {self.worker_id} (pid {self.pid}) {how} while running {self.task}; "
+            f"{who} {how} while running {self.task}; "
             "the worker was replaced and other tasks carry on (a C-level crash, os._exit, "
             "a kill or the OOM killer end a worker this way)"
         )
@@ -73,8 +74,9 @@ class TaskTimeoutError(PoolError, TimeoutError):
         super().__init__(limit, task, worker_id)
 
     def __str__(self) -> str:
+        who = "its worker" if self.worker_id is None else f"worker {self.worker_id}"
         return (
-            f"{self.task} ran longer than its {self.limit:g} s limit; worker {self.worker_id} "
+            f"{self.task} ran longer than its {self.limit:g} s limit; {who} "
             "was killed and replaced (raise the task's timeout= if it needs longer)"
         )
 
