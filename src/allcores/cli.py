@@ -47,7 +47,8 @@ def demo(example: str | None, port: int | None) -> None:
     from allcores.server.settings import ServeSettings
 
     port = 8000 if port is None else port
-    # Half the cores serve HTTP, half compute /cpu (one pool process per worker).
+    # Half the cores serve HTTP; /cpu runs in the shared pool (one process per CPU,
+    # niced, so / keeps answering while every pool process computes).
     workers = max(1, available_cpus() // 2)
     app = "allcores.server.demo_app:app"
     click.echo(f"allcores demo: allcores serve {app} --workers {workers} --port {port}")
@@ -105,6 +106,9 @@ _SERVE_OPTIONS: list[tuple[str, str]] = [
     ("--uds", "Serve on this UNIX socket instead of --host/--port (a proxy in front)."),
     ("--workers", "HTTP worker processes: N or auto, one per usable CPU (default auto)."),
     ("--policy", "How connections reach workers: balanced | rr | shared | reuseport."),
+    ("--engine", "HTTP engine: uvicorn (default) or granian (allcores[granian]; --policy shared)."),
+    ("--pool", "CPU pool the workers share through offload: N, auto (one per CPU) or 0 (none)."),
+    ("--pool-queue", "Tasks that may wait for a pool process; more: QueueFullError (1024)."),
     ("--app-dir", "Folder to import the app from, put first on sys.path (default .)."),
     ("--root-path", "ASGI root_path, for an app mounted below a proxy's path."),
     ("--forwarded-allow-ips", "Proxies trusted for X-Forwarded-* (default 127.0.0.1)."),

@@ -27,6 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from allcores.cluster.primary import Primary
 from allcores.server.metrics import registry_for
+from allcores.server.shared_pool.owner import SharedPool
 
 __all__ = ["AdminServer"]
 
@@ -38,12 +39,16 @@ _IDLE = 10.0
 
 class AdminServer:
     def __init__(
-        self, address: tuple[str, int], primary: Primary, status: Callable[[], dict[str, Any]]
+        self,
+        address: tuple[str, int],
+        primary: Primary,
+        status: Callable[[], dict[str, Any]],
+        pool: SharedPool | None = None,
     ) -> None:
         self.address = address
         self._primary = primary
         self._status = status
-        self._registry = registry_for(primary)
+        self._registry = registry_for(primary, pool)
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:

@@ -1,8 +1,8 @@
 """The seed's demo as an app for `allcores serve`; `allcores demo` serves it.
 
-``/`` answers from a worker at once; ``/cpu`` sums 20,000,000 numbers in a pool
-process through `offload`, so ``/`` stays fast while it runs. Each worker's pool has
-DEMO_POOL processes (1), at a lower CPU priority than the workers; CPU_N sets the count.
+``/`` answers from a worker at once; ``/cpu`` sums 20,000,000 numbers (CPU_N) in a
+process of the server's shared pool through `offload`, so ``/`` stays fast while it
+runs: the pool's processes run at a lower CPU priority than the workers.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from allcores.pool import Pool, offload, set_default_pool
+from allcores.pool import offload
 
 CPU_N = int(os.environ.get("CPU_N", "20000000"))
 
@@ -23,18 +23,6 @@ def busy_sum(n: int) -> int:
 
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                set_default_pool(Pool(max_workers=int(os.environ.get("DEMO_POOL", "1"))))
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                pool = set_default_pool(None)
-                if pool is not None:
-                    await pool.aclose()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
     if scope["type"] != "http":
         return
     if scope["path"] == "/cpu":

@@ -9,6 +9,7 @@
         2. cluster.start_server(ServingProtocol, protocol.py): the primary now routes
            connections here (balanced / rr), or this loop accepts (shared /
            reuseport); listening means ready, which a reload waits for
+           `offload` goes to the server's shared pool (shared_pool/client.py)
         3. serve until the primary says DISCONNECT (or SIGTERM): drain (protocol.py);
            meanwhile a thread logs the stack of any stall past warn_blocking
            (allcores.observe.stall), and the primary's watchdog kills a loop
@@ -26,6 +27,7 @@ import asyncio
 import contextlib
 import copy
 import logging
+import os
 import signal
 import time
 from email.utils import formatdate
@@ -37,12 +39,15 @@ from uvicorn.server import ServerState
 
 from allcores import cluster
 from allcores._system import new_event_loop
+from allcores.cluster.worker import WorkerRuntime
 from allcores.observe.stall import StallReporter
+from allcores.pool.offload import set_offload_runner
 from allcores.server.app import load_app
 from allcores.server.limits import RepeatFilter, sweep
 from allcores.server.metering import Meter, metered
 from allcores.server.protocol import serving_protocol
 from allcores.server.settings import ServeSettings
+from allcores.server.shared_pool.client import ADDRESS_ENV, SharedPoolClient
 
 __all__ = ["LIFESPAN_FAILED", "logging_config", "run"]
 
@@ -90,9 +95,20 @@ def uvicorn_config(settings: ServeSettings, app: Any) -> uvicorn.Config:
     return config
 
 
+def offload_to_shared_pool(runtime: WorkerRuntime) -> None:
+    """`offload` in this worker goes to the server's shared pool, if it has one."""
+    address = os.environ.get(ADDRESS_ENV)
+    if address:  # an abstract socket's name: NUL first
+        set_offload_runner(SharedPoolClient("\0" + address, runtime.row))
+
+
 def run(settings: ServeSettings, loaded: tuple[Any, str] | None = None) -> int:
     """Serve in this worker until drained; the exit code. *loaded*: the app, already
     imported by the primary (--preload), and its interface."""
+    if settings.engine == "granian":
+        from allcores.server import granian_engine
+
+        return granian_engine.run(settings, loaded)
     app, interface = loaded if loaded is not None else load_app(settings)
     settings.interface = interface
     runtime = cluster.worker
@@ -122,6 +138,7 @@ async def _serve(settings: ServeSettings, config: uvicorn.Config) -> int:
         )
         return made
 
+    offload_to_shared_pool(runtime)
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, runtime.disconnect)
     ticker = loop.create_task(_tick(config, state, meter, settings.timeout_header))

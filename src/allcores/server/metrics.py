@@ -3,7 +3,7 @@
 A prometheus_client collector over the scoreboard: the primary reads every worker's
 row, so there are no per-worker files and no multiprocess folder to clean up, and a
 scrape costs the workers nothing. Workers are labelled by their slot (``worker``,
-the cluster's id) and ``pid``.
+the cluster's id) and ``pid``; the shared pool's figures are ``allcores_pool_*``.
 """
 
 from __future__ import annotations
@@ -21,13 +21,15 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from allcores._system import resident_bytes
 from allcores.cluster.primary import Primary
 from allcores.observe.scoreboard import LAG_BUCKETS_MS, LATENCY_BUCKETS_S, RowSnapshot
+from allcores.server.shared_pool.owner import SharedPool
 
 __all__ = ["ServerCollector", "registry_for"]
 
 
 class ServerCollector(Collector):
-    def __init__(self, primary: Primary) -> None:
+    def __init__(self, primary: Primary, pool: SharedPool | None = None) -> None:
         self._primary = primary
+        self._pool = pool
 
     def collect(self) -> Iterator[Metric]:
         primary = self._primary
@@ -83,11 +85,56 @@ class ServerCollector(Collector):
         for cause in ("crash", "hung", "reload", "recycle"):
             restarts.add_metric([cause], primary.restarts.get(cause, 0))
         yield restarts
+        if self._pool is not None:
+            yield from self._pool_metrics(self._pool)
+
+    def _pool_metrics(self, pool: SharedPool) -> Iterator[Metric]:
+        rows = [row for row in pool.rows() if row.pid]
+        busy = sum(1 for row in rows if row.state_name == "busy")
+        offloads = sum(
+            self._primary.scoreboard.read(w.row).offloads for w in self._primary.workers.values()
+        )
+        for name, text, value in (
+            ("allcores_pool_processes", "Processes of the shared CPU pool.", len(rows)),
+            ("allcores_pool_busy", "Pool processes running a task now.", busy),
+            ("allcores_pool_queue", "Tasks waiting for a pool process.", max(0, offloads - busy)),
+        ):
+            gauge = GaugeMetricFamily(name, text)
+            gauge.add_metric([], value)
+            yield gauge
+        tasks = CounterMetricFamily(
+            "allcores_pool_tasks", "Tasks run, per pool process.", labels=["process", "pid"]
+        )
+        run = HistogramMetricFamily(
+            "allcores_pool_run_seconds", "Run time of pool tasks.", labels=["process", "pid"]
+        )
+        wait = HistogramMetricFamily(
+            "allcores_pool_wait_seconds",
+            "Time pool tasks waited for a process.",
+            labels=["process", "pid"],
+        )
+        for row in rows:
+            values = [str(row.index + 1), str(row.pid)]
+            tasks.add_metric(values, row.tasks_total)
+            run.add_metric(
+                values,
+                _cumulative(row.latency_histogram, LATENCY_BUCKETS_S),
+                sum_value=row.latency_sum,
+            )
+            wait.add_metric(
+                values, _cumulative(row.wait_histogram, LATENCY_BUCKETS_S), sum_value=row.wait_sum
+            )
+        restarts = CounterMetricFamily(
+            "allcores_pool_restarts", "Pool processes replaced, by cause.", labels=["cause"]
+        )
+        for cause in ("crash", "timeout", "cancel", "killed"):
+            restarts.add_metric([cause], pool.restarts.get(cause, 0))
+        yield from (tasks, run, wait, restarts)
 
 
-def registry_for(primary: Primary) -> CollectorRegistry:
+def registry_for(primary: Primary, pool: SharedPool | None = None) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ServerCollector(primary))
+    registry.register(ServerCollector(primary, pool))
     return registry
 
 

@@ -7,12 +7,14 @@
       cluster primary: policy, respawn on, watchdog and recycling limits, and each
         worker told what to run: `python -m allcores.server.worker` with the
         settings as JSON (an app given as an object: this program run again)
+      the shared CPU pool's socket (shared_pool/), before any fork, so that every
+      worker inherits where it is
       on the primary's loop: the control socket (allcores.control), the admin
-      endpoint if asked for (admin.py), then N workers
+      endpoint if asked for (admin.py), the pool's processes, then N workers
       ─► supervise until SIGTERM / SIGINT / `allcores stop`; SIGHUP or `allcores
         reload` replaces one worker at a time (allcores.cluster.rolling); exit code
         0 after a clean stop, 1 after a crash loop (an import error, a failed
-        lifespan startup)
+        lifespan startup); the pool's processes are killed once the workers are gone
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from allcores.server.admin import AdminServer
 from allcores.server.app import AppLoadError, check_findable, load_app
 from allcores.server.engine import logging_config
 from allcores.server.settings import ServeSettings, admin_address
+from allcores.server.shared_pool.owner import SharedPool
+from allcores.server.shared_pool.process import run_forked as run_pool_forked
 from allcores.server.status import StatusBuilder
 from allcores.server.titles import set_title
 from allcores.server.worker import SETTINGS_ENV, run_forked
@@ -55,6 +59,13 @@ def run_primary(settings: ServeSettings, *, rerun_program: bool = False) -> int:
     except AppLoadError as exc:
         log.error("allcores: %s", exc)
         return 1
+    if settings.engine == "granian":
+        from allcores.server.granian_engine import check
+
+        problem = check()
+        if problem is not None:
+            log.error("allcores: %s", problem)
+            return 1
     set_title(f"primary {settings.app_name}")
     cluster_settings = ClusterSettings(
         exec=None if rerun_program else sys.executable,
@@ -83,13 +94,25 @@ def run_primary(settings: ServeSettings, *, rerun_program: bool = False) -> int:
     if not settings.uds:
         settings.port = bound.port
     primary.settings.env[SETTINGS_ENV] = settings.to_json()
-    if settings.preload and not _preload(settings, primary):
-        return 1
-    with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        return runner.run(_serve(settings, primary))
+    pool = None
+    size = available_cpus() if settings.pool == "auto" else int(settings.pool)
+    if size:
+        try:
+            pool = SharedPool(size, settings.pool_queue, settings.app_name, settings.app_dir)
+        except OSError as exc:
+            log.error("allcores: cannot make the shared pool's socket: %s", exc)
+            return 1
+    try:
+        if settings.preload and not _preload(settings, primary, pool):
+            return 1
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            return runner.run(_serve(settings, primary, pool))
+    finally:
+        if pool is not None:
+            pool.close()
 
 
-def _preload(settings: ServeSettings, primary: Primary) -> bool:
+def _preload(settings: ServeSettings, primary: Primary, pool: SharedPool | None) -> bool:
     """Import the app here, once, and fork every worker from a zygote that holds it."""
     try:
         loaded = load_app(settings)
@@ -108,14 +131,15 @@ def _preload(settings: ServeSettings, primary: Primary) -> bool:
     set_title(f"zygote {settings.app_name}")
     try:
         args = (loaded, settings.to_json(), board.fd, board.rows)
-        primary.launcher = ForkLauncher(run_forked, args)
+        others = {"pool": (run_pool_forked, pool.fork_args())} if pool is not None else None
+        primary.launcher = ForkLauncher(run_forked, args, others)
     finally:
         set_title(f"primary {settings.app_name}")
     return True
 
 
-async def _serve(settings: ServeSettings, primary: Primary) -> int:
-    status = StatusBuilder(primary, settings.app_name, time.monotonic())
+async def _serve(settings: ServeSettings, primary: Primary, pool: SharedPool | None) -> int:
+    status = StatusBuilder(primary, settings.app_name, time.monotonic(), pool)
     control_path = (
         Path(settings.control)
         if settings.control
@@ -126,7 +150,7 @@ async def _serve(settings: ServeSettings, primary: Primary) -> int:
     try:
         await control.start()
         if settings.admin:
-            admin = AdminServer(admin_address(settings.admin), primary, status.build)
+            admin = AdminServer(admin_address(settings.admin), primary, status.build, pool)
             await admin.start()
             log.info("allcores: admin endpoint on http://%s:%d/metrics", *admin.address)
     except (ControlError, OSError) as exc:
@@ -135,19 +159,24 @@ async def _serve(settings: ServeSettings, primary: Primary) -> int:
         return 1
     workers = available_cpus() if settings.workers == "auto" else int(settings.workers)
     log.info(
-        "allcores: serving %s on %s with %d worker(s), policy %s; "
+        "allcores: serving %s on %s with %d worker(s), policy %s, %s; "
         "control socket %s (SIGHUP reloads, Ctrl-C stops)",
         settings.app_name,
         settings.url,
         workers,
         settings.policy,
+        f"a shared pool of {pool.size} process(es)" if pool else "no shared pool",
         control_path,
     )
     try:
+        if pool is not None:
+            pool.start(asyncio.get_running_loop(), primary.launcher)
         for _ in range(workers):
             primary.fork()
         return await primary.run_async()
     finally:
+        if pool is not None:
+            pool.close()  # the workers are gone: no task has anyone waiting on it
         control.close()
         if admin is not None:
             admin.close()

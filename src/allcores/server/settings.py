@@ -115,6 +115,17 @@ def _workers(value: Any) -> int | str:
         raise ValueError("must be 'auto' (one per usable CPU) or a whole number >= 1") from None
 
 
+def _pool(value: Any) -> int | str:
+    if str(value).strip().lower() == "auto":
+        return "auto"
+    try:
+        return _int(0)(value)  # type: ignore[no-any-return]
+    except ValueError:
+        raise ValueError(
+            "must be 'auto' (one per usable CPU), a whole number, or 0 for no shared pool"
+        ) from None
+
+
 @dataclasses.dataclass
 class ServeSettings:
     """The options of `allcores serve`; `docs/serve.md` lists each with its sources."""
@@ -128,6 +139,13 @@ class ServeSettings:
     uds: str | None = None
     """Serve on this UNIX socket instead of host and port (a proxy in front)."""
     workers: int | str = "auto"
+    pool: int | str = "auto"
+    """Processes of the CPU pool all workers share (`offload`); 0: none, each worker
+    then makes its own local pool on first `offload`."""
+    pool_queue: int = 1024
+    """Tasks that may wait for a pool process; one more fails with QueueFullError."""
+    engine: str = "uvicorn"
+    """The HTTP engine of each worker: uvicorn's protocol, or granian's Rust core."""
     preload: bool = False
     """Import the app once, in the primary, and fork the workers from it."""
     policy: str = dataclasses.field(default_factory=default_policy)
@@ -231,6 +249,13 @@ class ServeSettings:
             raise ServeSettingsError(
                 f"app {self.app!r} must be MODULE:ATTRIBUTE, for example main:app"
             )
+        if self.engine == "granian" and self.policy in ("balanced", "rr"):
+            raise ServeSettingsError(
+                f"--engine granian accepts connections itself, so --policy {self.policy} "
+                "(the primary accepts) cannot feed it: add --policy shared (or reuseport)"
+            )
+        if self.engine == "granian" and self.http == "h11":
+            raise ServeSettingsError("--engine granian has its own HTTP parser: drop --http h11")
         if self.port > 65535:
             raise ServeSettingsError(f"port must be 0 to 65535, got {self.port}")
         if self.ssl_keyfile and not self.ssl_certfile:
@@ -283,6 +308,9 @@ OPTIONS: dict[str, Parser] = {
     "port": _int(0),
     "uds": _optional(_text),
     "workers": _workers,
+    "pool": _pool,
+    "pool_queue": _int(1),
+    "engine": _choice("uvicorn", "granian"),
     "preload": _bool,
     "policy": _choice(*POLICIES),
     "app_dir": _text,

@@ -42,7 +42,35 @@ def print_status(status: dict[str, Any], console: Console | None = None) -> None
             f"{row['lag_ms']:.1f} ms",
             f"{row['lag_max_ms']:.0f} ms",
         )
+    pool = status.get("pool")
+    if pool:
+        processes = pool["processes"]
+        table.add_row(
+            "pool",
+            "",
+            f"{pool['busy']}/{pool['size']} busy",
+            "",
+            f"{pool['tasks']:,}",
+            str(pool["busy"] + pool["queue"]),
+            "",
+            f"{sum(p['rss'] for p in processes) / 1048576:.0f} MB",
+            f"{sum(p['cpu'] for p in processes):.0f} %",
+            "",
+            "",
+        )
     console.print(table)
+    if pool:
+        restarts = ", ".join(f"{c} {n}" for c, n in sorted(pool["restarts"].items())) or "none"
+        console.print(
+            f"pool: {pool['size']} processes, queue {pool['queue']}/{pool['queue_limit']}, "
+            f"run p50 {_ms(pool['run_ms']['p50'])} p99 {_ms(pool['run_ms']['p99'])}, "
+            f"wait p50 {_ms(pool['wait_ms']['p50'])} p99 {_ms(pool['wait_ms']['p99'])}, "
+            f"replaced: {restarts}"
+        )
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"≤{value:g} ms"
 
 
 def _age(seconds: float) -> str:
