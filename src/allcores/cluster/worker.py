@@ -135,6 +135,9 @@ class WorkerRuntime(EventEmitter):
         self._thread: threading.Thread | None = None
         # The loop holds only weak references to tasks: these keep them until done.
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.drain_hooks: list[Callable[[], Awaitable[None]]] = []
+        """Awaited by a drain, within its timeout: a server library serving on
+        `listen()`'s socket stops accepting and finishes its requests there."""
         self.disconnecting = False
         self.handing_off = False
         """While draining: idle connections may go to another worker (`hand_off`)."""
@@ -506,9 +509,11 @@ class WorkerRuntime(EventEmitter):
             shutdown = getattr(protocol, "shutdown", None)
             if callable(shutdown):
                 shutdown()
-        if self._protocols:
+        waits: list[Awaitable[Any]] = [self._all_closed.wait()] if self._protocols else []
+        waits += [hook() for hook in self.drain_hooks]
+        if waits:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._all_closed.wait(), timeout)
+                await asyncio.wait_for(asyncio.gather(*waits), timeout)
         for protocol in list(self._protocols):
             transport = getattr(protocol, "transport", None) or getattr(
                 protocol, "_transport", None
