@@ -38,7 +38,7 @@ from wrk import run_wrk
 
 POLICIES = ["balanced", "rr", "shared", "reuseport"]
 DEFAULT_SERVERS = ["uvicorn", "gunicorn", *(f"allcores-{p}" for p in POLICIES)]
-OPTIONAL_SERVERS = ["granian", "uvicorn-1"]
+OPTIONAL_SERVERS = ["granian", "uvicorn-1", "allcores-granian"]
 BASELINE = "uvicorn"
 # Connections are counted at these fractions of the measured run; wrk holds its 64
 # keep-alive connections open throughout, so the counts are stable in between.
@@ -91,7 +91,11 @@ def server_spec(name: str, port: int, s: HttpSettings) -> ServerSpec:
         # httptools (its defaults), no access log, no lifespan.
         cli = os.path.join(os.path.dirname(s.project_python), "allcores")
         argv = [cli, "serve", "hello:app", *host, "--workers", workers]
-        argv += ["--policy", name.removeprefix("allcores-"), "--no-access-log", "--lifespan", "off"]
+        argv += ["--no-access-log", "--lifespan", "off"]
+        if name == "allcores-granian":  # granian's engine accepts by itself: shared
+            argv += ["--engine", "granian", "--policy", "shared"]
+        else:
+            argv += ["--policy", name.removeprefix("allcores-")]
         return ServerSpec(name, argv, env, s.workers)
     raise ValueError(f"unknown server {name!r}")
 

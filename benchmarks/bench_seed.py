@@ -91,9 +91,9 @@ def _argv(variant: str, port: int, s: SeedSettings) -> tuple[list[str], str]:
         return [s.project_python, "-m", "uvicorn", "seed_app:app", *uvicorn_flags], "allcores"
     if variant == "allcores-serve":
         # One HTTP worker, as uvicorn single process in the other variants; its /cpu goes
-        # through offload (a pool beside that worker, until serve shares one).
+        # through offload to the server's shared pool, 2 processes as the others' pools.
         cli = str(Path(s.project_python).parent / "allcores")
-        argv = [cli, "serve", "seed_app:app", "--workers", "1", "--no-access-log"]
+        argv = [cli, "serve", "seed_app:app", "--workers", "1", "--pool", "2", "--no-access-log"]
         argv += ["--host", "127.0.0.1", "--port", str(port), "--lifespan", "on"]
         return argv, "offload"
     raise ValueError(f"unknown variant {variant!r}")
