@@ -76,7 +76,7 @@ class Processes:
 
     def cleanup(self) -> None:
         # SIGTERM first: a cluster primary stops its workers as in production, and a
-        # process measured by coverage (./dev test) saves its data, which SIGKILL loses.
+        # process measured by coverage (./dev cover) saves its data, which SIGKILL loses.
         for proc in self.started:
             if proc.poll() is None:
                 self.remember_children(proc)

@@ -178,7 +178,7 @@ def test_the_loop_thread_leaves_no_dummy_thread_behind() -> None:
         pool = Pool(1, start_method="forkserver")
         pool.submit(int, 1).result(timeout=30)
         # A crash: its replacement starts off the loop. Not os._exit itself, which
-        # coverage's "_exit" patch (./dev test) makes a closure that does not pickle.
+        # coverage's "_exit" patch (./dev cover) makes a closure that does not pickle.
         pool.submit(helpers.exit_hard, 3)
         assert pool.submit(int, 2).result(timeout=30) == 2
         pool.shutdown()
