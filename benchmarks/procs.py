@@ -113,10 +113,13 @@ def _answers(url: str) -> bool:
 
 # Helper processes multiprocessing may start beside the workers; they serve nothing.
 _HELPERS = ("resource_tracker", "semaphore_tracker", "forkserver")
+# allcores serve's shared CPU pool (titled "allcores: pool K"): it runs offloaded tasks,
+# serves no HTTP, and a rolling reload keeps it, so it is not a worker either.
+_POOL_TITLE = "allcores: pool "
 
 
 def worker_processes(server: Server) -> list[psutil.Process]:
-    """The server's descendants except multiprocessing's helper processes.
+    """The server's descendants except multiprocessing's helpers and a shared CPU pool.
 
     Not every worker holds the listening socket (allcores' balanced and rr workers only
     receive accepted connections), so a worker is recognised by being a descendant.
@@ -125,7 +128,8 @@ def worker_processes(server: Server) -> list[psutil.Process]:
     for proc in server.tree()[1:]:
         with contextlib.suppress(psutil.Error):
             cmdline = " ".join(proc.cmdline())
-            if not any(helper in cmdline for helper in _HELPERS):
+            helper = any(name in cmdline for name in _HELPERS)
+            if not helper and not cmdline.startswith(_POOL_TITLE):
                 workers.append(proc)
     return workers
 
