@@ -6,7 +6,8 @@ what it lacks, in one subclass (one extra call per parser event, not one per fea
     connection made / a request's first byte ── head clock starts (_head_since)
     on_url, on_header ── over the limits: 414 / 431, then close          (limits)
     on_headers_complete ── head clock stops; the request counts in flight (Meter)
-    on_response_complete ── answered: counted, and timed into the Meter's histogram
+    the app's writes in one loop step ── one vectored write (_OneWritePerStep)
+    on_response_complete ── answered: sent now, counted, timed into the Meter's histogram
     every second, limits.sweep: a head late past --timeout-header ─► 408, close
 
     while the worker drains (shutdown()):                                (hand-off)
@@ -46,6 +47,43 @@ __all__ = ["serving_protocol"]
 _RECHECK = 0.01
 
 
+class _OneWritePerStep:
+    """The transport as a connection's requests see it: what they write in one step of
+    the loop goes out in one vectored write, at the end of that step.
+
+    uvicorn writes a response's head and its body with a write each, so every small
+    response costs two syscalls and two TCP segments, and its client two reads. Here
+    the head waits until the body joins it (or, for a streamed response, until the
+    step ends); ``close`` and the end of the response send what waits first.
+    """
+
+    __slots__ = ("_held", "_loop", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._held: list[bytes] | None = None
+
+    def write(self, data: bytes) -> None:
+        if self._held is None:
+            self._held = [data]
+            self._loop.call_soon(self.flush)
+        else:
+            self._held.append(data)
+
+    def flush(self) -> None:
+        held, self._held = self._held, None
+        if held and not self._transport.is_closing():
+            self._transport.writelines(held)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class _Refused(Exception):
     """Raised in a parser callback: httptools stops, uvicorn calls send_400_response."""
 
@@ -71,6 +109,7 @@ def serving_protocol(
             self._head_since = time.monotonic()
             self._began: list[float] = []  # requests answered now, oldest first
             super().connection_made(transport)
+            self._writes = _OneWritePerStep(transport, self.loop)
 
         def connection_lost(self, exc: Exception | None) -> None:
             meter.in_flight -= len(self._began)  # cut off before their answers were complete
@@ -102,6 +141,7 @@ def serving_protocol(
             cycle = self.cycle
             super().on_headers_complete()
             if self.cycle is not cycle:  # a request to answer (not a WebSocket)
+                self.cycle.transport = self._writes
                 self._began.append(time.perf_counter())
                 meter.in_flight += 1
 
@@ -114,6 +154,7 @@ def serving_protocol(
                 self.loop.call_soon(self._hand_off_when_idle)
 
         def on_response_complete(self) -> None:
+            self._writes.flush()  # now: the connection may be closed or handed on next
             if self._began:
                 meter.answered(time.perf_counter() - self._began.pop(0))
             super().on_response_complete()
@@ -139,6 +180,7 @@ def serving_protocol(
         # -- draining: hand idle connections on -----------------------------------
 
         def shutdown(self) -> None:
+            self._writes.flush()
             upgraded = self.transport.get_protocol()
             if upgraded is not self:
                 shutdown = getattr(upgraded, "shutdown", None)

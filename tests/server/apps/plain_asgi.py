@@ -1,7 +1,8 @@
 """A bare ASGI app for the serve tests, with a lifespan, configured by environment.
 
 ``/`` -> "<pid> <pids whose lifespan started in this process>", ``/sleep?s=S`` -> a
-slow answer, ``/block?s=S`` -> blocks the event loop for S seconds;
+slow answer, ``/block?s=S`` -> blocks the event loop for S seconds, ``/echo`` -> the
+response's head at once, then the request's body back once it has all come;
 APP_LIFESPAN_FAIL=1 -> the lifespan startup fails with a message.
 """
 
@@ -34,6 +35,14 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
             elif message["type"] == "lifespan.shutdown":
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+    if scope["path"] == "/echo":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        body, message = b"", {"more_body": True}
+        while message.get("more_body"):
+            message = await receive()
+            body += message.get("body", b"")
+        await send({"type": "http.response.body", "body": body})
+        return
     query = parse_qs(scope["query_string"].decode())
     if scope["path"] == "/sleep":
         await asyncio.sleep(float(query["s"][0]))
