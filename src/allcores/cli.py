@@ -109,6 +109,7 @@ _SERVE_OPTIONS: list[tuple[str, str]] = [
     ("--engine", "HTTP engine: uvicorn (default) or granian (allcores[granian]; --policy shared)."),
     ("--pool", "CPU pool the workers share through offload: N, auto (one per CPU) or 0 (none)."),
     ("--pool-queue", "Tasks that may wait for a pool process; more: QueueFullError (1024)."),
+    ("--pool-nice", "Niceness of pool processes above the HTTP workers, 0-19 (default 5)."),
     ("--app-dir", "Folder to import the app from, put first on sys.path (default .)."),
     ("--root-path", "ASGI root_path, for an app mounted below a proxy's path."),
     ("--forwarded-allow-ips", "Proxies trusted for X-Forwarded-* (default 127.0.0.1)."),

@@ -48,6 +48,8 @@ def test_pyproject_is_found_in_a_parent_folder(tmp_path: Path) -> None:
         ({}, {"ALLCORES_INTERFACE": "cgi"}, "interface must be one of auto, asgi3, asgi2, wsgi"),
         ({"timeout_graceful": "-1"}, {}, "timeout-graceful must be a number of seconds >= 0"),
         ({"port": "70000"}, {}, "port must be 0 to 65535"),
+        ({}, {"ALLCORES_POOL_NICE": "20"}, "pool-nice must be a whole number from 0 to 19"),
+        ({"pool_nice": "-5"}, {}, "pool-nice must be a whole number >= 0"),
         ({"bind": "x"}, {}, "unknown option 'bind'"),
     ],
 )

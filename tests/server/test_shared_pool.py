@@ -44,7 +44,17 @@ def test_offload_runs_in_one_niced_pool_for_the_whole_server(serve, tmp_path: Pa
     control = tmp_path / "ctl.sock"
     admin = str(free_port())
     server = serve(
-        "pool_app:app", "--workers", "2", "--pool", "2", "--control", str(control), "--admin", admin
+        "pool_app:app",
+        "--workers",
+        "2",
+        "--pool",
+        "2",
+        "--pool-nice",
+        "3",
+        "--control",
+        str(control),
+        "--admin",
+        admin,
     )
     workers = server.wait_ready(2)
     seen = set()
@@ -55,7 +65,7 @@ def test_offload_runs_in_one_niced_pool_for_the_whole_server(serve, tmp_path: Pa
         # Run by a process of the primary's, not of the worker that took the request.
         assert int(parent) == server.proc.pid
         assert int(pid) not in workers
-        assert int(nice) == os.nice(0) + 5
+        assert int(nice) == os.nice(0) + 3
         assert title.startswith("allcores: pool ") and title.endswith(" pool_app:app")
         seen.add(int(pid))
     pool = _pool_pids(server.proc.pid)

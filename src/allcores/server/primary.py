@@ -98,7 +98,9 @@ def run_primary(settings: ServeSettings, *, rerun_program: bool = False) -> int:
     size = available_cpus() if settings.pool == "auto" else int(settings.pool)
     if size:
         try:
-            pool = SharedPool(size, settings.pool_queue, settings.app_name, settings.app_dir)
+            pool = SharedPool(
+                size, settings.pool_queue, settings.pool_nice, settings.app_name, settings.app_dir
+            )
         except OSError as exc:
             log.error("allcores: cannot make the shared pool's socket: %s", exc)
             return 1

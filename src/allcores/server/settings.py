@@ -115,6 +115,13 @@ def _workers(value: Any) -> int | str:
         raise ValueError("must be 'auto' (one per usable CPU) or a whole number >= 1") from None
 
 
+def _nice(value: Any) -> int:
+    number: int = _int(0)(value)
+    if number > 19:
+        raise ValueError("must be a whole number from 0 to 19 (the range of nice)")
+    return number
+
+
 def _pool(value: Any) -> int | str:
     if str(value).strip().lower() == "auto":
         return "auto"
@@ -144,6 +151,10 @@ class ServeSettings:
     then makes its own local pool on first `offload`."""
     pool_queue: int = 1024
     """Tasks that may wait for a pool process; one more fails with QueueFullError."""
+    pool_nice: int = 5
+    """How much lower than the HTTP workers the pool processes run (0-19): at 5 the
+    kernel weighs a worker 3x a pool process, so requests win a contended core; 0
+    gives offloaded work an equal share."""
     engine: str = "uvicorn"
     """The HTTP engine of each worker: uvicorn's protocol, or granian's Rust core."""
     preload: bool = False
@@ -310,6 +321,7 @@ OPTIONS: dict[str, Parser] = {
     "workers": _workers,
     "pool": _pool,
     "pool_queue": _int(1),
+    "pool_nice": _nice,
     "engine": _choice("uvicorn", "granian"),
     "preload": _bool,
     "policy": _choice(*POLICIES),

@@ -45,9 +45,6 @@ __all__ = ["ADDRESS_ENV", "SharedPool"]
 
 log = logging.getLogger("allcores.server")
 
-# Niceness of a pool process relative to the primary and the HTTP workers: CFS then
-# weighs an HTTP worker 3x a pool process, so requests win a contended core.
-NICE = 5
 # A process that dies within this many seconds of its start, before running a task,
 # is replaced after a delay that doubles each time (from 0.1 s up to 10 s).
 _YOUNG = 1.0
@@ -68,9 +65,10 @@ class _Slot:
 class SharedPool:
     """*size* pool processes behind one socket; built in the primary before any fork."""
 
-    def __init__(self, size: int, queue: int, app_name: str, app_dir: str) -> None:
+    def __init__(self, size: int, queue: int, nice: int, app_name: str, app_dir: str) -> None:
         self.size = size
         self.queue = queue
+        self.nice = nice  # added to the primary's niceness (--pool-nice)
         self._app_name = app_name
         self._app_dir = app_dir
         self.address = f"\0allcores-pool-{os.getpid()}-{secrets.token_hex(6)}"
@@ -97,7 +95,7 @@ class SharedPool:
 
     def fork_args(self) -> tuple[object, ...]:
         """What --preload's zygote passes a forked pool process (after its own)."""
-        return (self.board.fd, self.board.rows, self._app_name, NICE)
+        return (self.board.fd, self.board.rows, self._app_name, self.nice)
 
     def start(self, loop: asyncio.AbstractEventLoop, launcher: ForkLauncher | None) -> None:
         self._loop = loop
@@ -144,7 +142,7 @@ class SharedPool:
             "primary_pid": os.getpid(),
             "app_name": self._app_name,
             "app_dir": self._app_dir,
-            "nice": NICE,
+            "nice": self.nice,
         }
         return subprocess.Popen(
             [sys.executable, "-m", "allcores.server.shared_pool.process"],
