@@ -10,9 +10,9 @@
 
 Variants: `/` alone (no load), `/cpu` inline, `/cpu` via run_in_executor with
 ProcessPoolExecutor(2), `/cpu` via allcores' Pool(max_workers=2).run (its workers at
-its default niceness, and at nice=0 like the stdlib pool's), and the hook for
-`allcores serve` (SEED_MODE=offload under that server), which runs only once the
-`allcores serve` command exists.
+its default niceness, and at nice=0 like the stdlib pool's), and `allcores serve`
+(SEED_MODE=offload under that server; its pool at the default --pool-nice 5, and at 0),
+which runs only once the `allcores serve` command exists.
 """
 
 from __future__ import annotations
@@ -30,7 +30,15 @@ from procs import free_port, start_server, stop_server
 from report import fmt, ratio, summarize, table
 from wrk import finish_wrk, run_wrk, start_wrk
 
-VARIANTS = ["alone", "inline", "ppe", "allcores", "allcores-nice0", "allcores-serve"]
+VARIANTS = [
+    "alone",
+    "inline",
+    "ppe",
+    "allcores",
+    "allcores-nice0",
+    "allcores-serve",
+    "allcores-serve-nice0",
+]
 LABELS = {
     "alone": "`/` alone, no load",
     "inline": "`/cpu` inline (blocks the loop)",
@@ -38,6 +46,7 @@ LABELS = {
     "allcores": "`/cpu` via allcores Pool(max_workers=2).run",
     "allcores-nice0": "`/cpu` via allcores Pool(max_workers=2, nice=0).run",
     "allcores-serve": "`allcores serve`, `/cpu` via offload",
+    "allcores-serve-nice0": "`allcores serve --pool-nice 0`, `/cpu` via offload",
 }
 # The `/cpu` load starts this long before `/` is measured and ends this long after, so
 # the whole `/` measurement runs under load.
@@ -89,12 +98,14 @@ def _argv(variant: str, port: int, s: SeedSettings) -> tuple[list[str], str]:
         return [s.anchors_python, "-m", "uvicorn", "seed_app:app", *uvicorn_flags], mode
     if variant in ("allcores", "allcores-nice0"):
         return [s.project_python, "-m", "uvicorn", "seed_app:app", *uvicorn_flags], "allcores"
-    if variant == "allcores-serve":
+    if variant in ("allcores-serve", "allcores-serve-nice0"):
         # One HTTP worker, as uvicorn single process in the other variants; its /cpu goes
         # through offload to the server's shared pool, 2 processes as the others' pools.
         cli = str(Path(s.project_python).parent / "allcores")
         argv = [cli, "serve", "seed_app:app", "--workers", "1", "--pool", "2", "--no-access-log"]
         argv += ["--host", "127.0.0.1", "--port", str(port), "--lifespan", "on"]
+        if variant == "allcores-serve-nice0":
+            argv += ["--pool-nice", "0"]
         return argv, "offload"
     raise ValueError(f"unknown variant {variant!r}")
 
@@ -204,7 +215,7 @@ def goals(summary: dict[str, Any]) -> list[dict[str, Any]]:
     `/cpu` req/s ≥ 1.0x (the target is for `allcores serve`; the Pool variant is shown too)."""
     ppe = summary.get("ppe")
     out = []
-    for variant in ("allcores", "allcores-nice0", "allcores-serve"):
+    for variant in ("allcores", "allcores-nice0", "allcores-serve", "allcores-serve-nice0"):
         mine = summary.get(variant)
         if ppe is None or mine is None or mine["skipped"]:
             continue
