@@ -84,8 +84,10 @@ def available_variants(s: SeedSettings) -> dict[str, str | None]:
         for variant in ("allcores", "allcores-nice0"):
             if variant in why:
                 why[variant] = "allcores.pool.Pool is not importable yet"
-    if "allcores-serve" in why and not serve_available(s.project_python):
-        why["allcores-serve"] = "`allcores serve` is not built yet"
+    served = [v for v in ("allcores-serve", "allcores-serve-nice0") if v in why]
+    if served and not serve_available(s.project_python):
+        for variant in served:
+            why[variant] = "`allcores serve` is not built yet"
     return why
 
 

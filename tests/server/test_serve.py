@@ -162,10 +162,13 @@ def test_a_wsgi_app_is_found_and_served(serve) -> None:  # type: ignore[no-untyp
 def test_a_script_with_no_main_guard_serving_its_app_object(serve) -> None:  # type: ignore[no-untyped-def]
     server = serve(str(APPS / "no_guard_object.py"), program=True)
     pids = server.wait_ready(2)
+
     # The primary and each worker run the script's body: the cluster's model.
     # Counted in the whole output, not per line: print() writes its text and its "\n"
     # apart, so two workers' lines can share one line of the pipe they both write to.
-    runs = lambda: "".join(server.stdout).count("script body runs")  # noqa: E731
+    def runs() -> int:
+        return "".join(server.stdout).count("script body runs")
+
     wait_until(lambda: runs() >= 3)
     assert runs() == 3, server.stdout
     server.proc.send_signal(signal.SIGTERM)
